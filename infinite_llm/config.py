@@ -21,7 +21,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 @dataclass(frozen=True, slots=True)
 class RopeScaling:
-    """RoPE frequency scaling as Hugging Face configs spell it (`rope_type` default/linear/llama3)."""
+    """RoPE frequency scaling as Hugging Face configs spell it (default, linear, llama3)."""
 
     rope_type: str = "default"
     factor: float = 1.0
@@ -68,6 +68,11 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ConfigError(f"rope_scaling type {rope_type!r} is not supported")
+        # The model file implements exactly these; anything else would load and run silently wrong.
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+        if float(rope.get("partial_rotary_factor", 1.0)) != 1.0 or cfg.get("mlp_bias", False):
+            raise ConfigError("partial_rotary_factor != 1 and mlp_bias are not supported")
         scaling = RopeScaling(
             rope_type=rope_type,
             factor=float(rope.get("factor", 1.0)),
@@ -143,7 +148,9 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len must be >= 1")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(
+                f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
+            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 

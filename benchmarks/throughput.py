@@ -1,0 +1,88 @@
+"""Offline generation throughput of the default model vs Hugging Face `generate`, same run.
+
+Both generate exactly `--new-tokens` tokens per prompt (EOS ignored), greedy, float32, from the
+same chat prompts. Batch 1 runs the prompts one after another; batch B runs them together (HF pads
+on the left). Prints the hardware, tokens/s for each, and the ratios.
+
+    python benchmarks/throughput.py [--batch 32] [--new-tokens 64] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from infinite_llm import LLM, SamplingParams
+from infinite_llm.models.loader import resolve_model
+
+TOPICS = ["the sea", "a city at night", "autumn", "a robot", "mountains", "coffee", "the moon",
+          "a library", "rain", "a train journey", "friendship", "the desert", "snow", "music",
+          "a garden", "the stars", "a lighthouse", "bread", "a river", "the wind", "a clock",
+          "a forest", "a market", "winter", "an island", "a bridge", "a candle", "the ocean floor",
+          "a kite", "a volcano", "a violin", "sunrise"]
+
+
+def hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+
+
+def run_ours(llm: LLM, prompts: list[list[int]], batch: int, n: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        outs = llm.generate(prompts[i : i + batch], params, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == n for o in outs)
+    return len(prompts) * n / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def run_hf(model, prompts: list[list[int]], batch: int, n: int, device: str) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+        assert out.shape[1] == width + n
+    return len(prompts) * n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    n, device = args.new_tokens, args.device
+    dtype = torch.float32
+    llm = LLM(device=device, dtype="float32", max_num_seqs=args.batch)
+    prompts = [llm.apply_chat_template([{"role": "user", "content": f"Write a poem about {t}."}])
+               for t in TOPICS[: args.batch]]
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model(None), dtype=dtype).to(device)
+    print(f"hardware: {hardware(device)}; torch {torch.__version__}; threads "
+          f"{torch.get_num_threads()}; model SmolLM2-135M-Instruct float32; {len(prompts)} "
+          f"prompts, {n} new tokens each")
+    run_ours(llm, prompts[:2], 2, 4)  # warm-up
+    run_hf(hf, prompts[:2], 2, 4, device)
+    rows = []
+    for batch in (1, args.batch):
+        ours = run_ours(llm, prompts, batch, n)
+        ref = run_hf(hf, prompts, batch, n, device)
+        rows.append((batch, ours, ref))
+        print(f"batch {batch:3d}: infinite-llm {ours:8.1f} tok/s | HF generate {ref:8.1f} tok/s "
+              f"| ratio {ours / ref:5.2f}x")
+    hf_b1 = rows[0][2]
+    print(f"infinite-llm batch {args.batch} vs HF batch 1: {rows[1][1] / hf_b1:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

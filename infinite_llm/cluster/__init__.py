@@ -1,0 +1,1 @@
+"""Instances (ranks) of the cluster."""

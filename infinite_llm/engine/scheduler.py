@@ -1,0 +1,99 @@
+"""Continuous batching with chunked prefill and preemption by recompute, for one instance.
+
+The scheduler speaks in token counts: each running request wants its uncomputed tokens (a whole
+or partial prompt, or the one token sampled last step), and a step's batch gives each request a
+share of the token budget. Running requests go first, in arrival order; when the rManager has no
+block for one, the most recently admitted request is preempted (its KV freed, recomputed later).
+Waiting requests are admitted only in steps without preemption, while budget and seats remain.
+The scheduler moves requests between queues; the rManager owns their blocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """Requests to run this step and how many of each one's uncomputed tokens to compute."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def add(self, request: Request, num_tokens: int) -> None:
+        self.requests.append(request)
+        self.num_tokens.append(num_tokens)
+
+
+class Scheduler:
+    def __init__(self, rmanager: RManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.rmanager = rmanager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        queue = deque(self.running)
+        self.running = []
+        while queue and budget > 0:
+            request = queue.popleft()
+            n = min(request.num_uncomputed_tokens, budget)
+            while not self.rmanager.reserve(request, n):
+                if not queue:  # nobody left to preempt but itself
+                    self._preempt(request)
+                    preempted = True
+                    break
+                self._preempt(queue.pop())
+                preempted = True
+            else:
+                self.running.append(request)
+                batch.add(request, n)
+                budget -= n
+        self.running.extend(queue)  # not reached for budget: they keep their place
+        while self.waiting and budget > 0 and not preempted:
+            if len(self.running) >= self.max_num_seqs:
+                break
+            request = self.waiting[0]
+            n = min(request.num_uncomputed_tokens, budget)
+            if not self.rmanager.reserve(request, n):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            batch.add(request, n)
+            budget -= n
+        return batch
+
+    def _preempt(self, request: Request) -> None:
+        self.rmanager.free(request)
+        request.reset_for_recompute()
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def finish(self, request: Request) -> None:
+        """Drop a finished or aborted request from the queues and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.rmanager.free(request)

@@ -1,0 +1,109 @@
+"""The offline Python API, shaped like vLLM's `LLM` so its users feel at home.
+
+    from infinite_llm import LLM, SamplingParams
+    llm = LLM()                                   # the default model
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    print(out[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from infinite_llm.engine.engine import LLMEngine, RequestError, engine_config
+from infinite_llm.engine.output import RequestOutput
+from infinite_llm.kvcache.rmanager import KVStats
+from infinite_llm.sampling import SamplingParams
+
+Prompt = str | Sequence[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """An engine over the given model (None = the default model); options as in EngineConfig."""
+
+    def __init__(self, model: str | None = None, **engine_options: Any) -> None:
+        self.engine = LLMEngine(engine_config(model, engine_options))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (a string or a list of token ids); outputs in prompt order.
+
+        All prompts are validated before any is queued, so a bad one leaves nothing behind.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        params = _per_prompt(sampling_params, len(prompts))
+        for prompt in prompts:
+            if not self.engine.tokenize(prompt):
+                raise RequestError("a prompt is empty")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, p))
+        except Exception:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to each conversation and generate."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError("this model has no chat template; use generate()")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, messages: Sequence[Message]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+
+    def kv_stats(self) -> list[KVStats]:
+        """Per instance: total / free / own / lent / borrowed KV blocks."""
+        return self.engine.kv_stats()
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
+            try:
+                while self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        if output.finished:
+                            done[output.request_id] = output
+                            bar.update(1)
+            except BaseException:  # Ctrl-C or an error mid-run: leave no request behind
+                for request_id in ids:
+                    self.engine.abort_request(request_id)
+                raise
+        return [done[i] for i in ids]
+
+
+def _per_prompt(
+    params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+    return params

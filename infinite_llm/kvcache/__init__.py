@@ -1,0 +1,1 @@
+"""Paged KV cache: the block pool of one instance and its rManager."""

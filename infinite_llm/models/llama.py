@@ -1,0 +1,168 @@
+"""Llama 2/3, Mistral and Qwen2 in one file: plain math over a flat batch of tokens.
+
+The model knows nothing of KV caches, blocks or instances: each layer hands its RoPE'd q/k/v to
+an `AttentionFn` supplied by the caller, which stores K/V wherever it likes and returns the
+attention output. Tokens of many sequences are concatenated into one [T] batch; `positions` says
+where each token sits in its own sequence.
+
+q/k/v and gate/up are fused into single Linears (one matmul instead of three or two); the loader
+fills the fused weights from Hugging Face's separate tensors. Parameters are created uninitialized
+(nothing random is computed for weights the loader overwrites anyway).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from infinite_llm.config import ModelConfig
+from infinite_llm.models.rope import RotaryEmbedding
+
+
+class AttentionFn(Protocol):
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim], RoPE already applied
+        -> out [T, num_heads, head_dim]."""
+        ...
+
+
+def _linear(
+    n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch.device
+) -> nn.Linear:
+    return nn.utils.skip_init(nn.Linear, n_in, n_out, bias=bias, dtype=dtype, device=device)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the weight, as transformers does."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        layer: int,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        hidden = config.hidden_size
+        qkv_out = self.q_size + 2 * self.kv_size
+        self.qkv_proj = _linear(hidden, qkv_out, config.attention_bias, dtype, device)
+        # Llama's attention_bias covers o_proj too; Qwen2 biases q/k/v only.
+        o_bias = config.attention_bias and config.model_type == "llama"
+        self.o_proj = _linear(self.q_size, hidden, o_bias, dtype, device)
+        self.rotary = rotary
+
+    def forward(self, positions: Tensor, x: Tensor, attention: AttentionFn) -> Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = attention(self.layer, q, k, v)  # [T, num_heads, head_dim]
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = _linear(hidden, 2 * inter, False, dtype, device)
+        self.down_proj = _linear(inter, hidden, False, dtype, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        h = F.silu(gate)  # one fresh contiguous [T, inter] buffer, then multiplied in place
+        h *= up
+        return self.down_proj(h)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        layer: int,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        eps, hidden = config.rms_norm_eps, config.hidden_size
+        self.input_layernorm = RMSNorm(hidden, eps, dtype, device)
+        self.self_attn = LlamaAttention(layer, config, rotary, dtype, device)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
+        self.mlp = LlamaMLP(config, dtype, device)
+
+    def forward(self, positions: Tensor, x: Tensor, attention: AttentionFn) -> Tensor:
+        h = self.self_attn(positions, self.input_layernorm(x), attention)
+        h += x  # residual; the add is commutative, so the same bits as transformers' x + h
+        out = self.mlp(self.post_attention_layernorm(h))
+        out += h
+        return out
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.embed_tokens = nn.utils.skip_init(
+            nn.Embedding, config.vocab_size, config.hidden_size, dtype=dtype, device=device
+        )
+        rotary = RotaryEmbedding(
+            config.head_dim,
+            config.rope_theta,
+            config.rope_scaling,
+            config.max_position_embeddings,
+            device,
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(i, config, rotary, dtype, device) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn) -> Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(positions, h, attention)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only LM; parameter names mirror Hugging Face's except the fused projections."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, dtype, device)
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, device)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn) -> Tensor:
+        """input_ids [T] int64, positions [T] -> final-normed hidden states [T, hidden]."""
+        return self.model(input_ids, positions, attention)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in float32 (only the rows being sampled)."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
