@@ -120,7 +120,7 @@ class EngineConfig:
     """What a user may set on `LLM(...)`; every field is checked in `__post_init__`.
 
     `num_kv_blocks` is per instance; when None the pool takes `kv_cache_fraction` of the device's
-    memory (GPU: of the memory free after the weights; CPU: of the machine's RAM).
+    memory (GPU: 0.9 of the memory free after the weights; CPU: 0.02 of the machine's RAM).
     """
 
     model: str | None = None

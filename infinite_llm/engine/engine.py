@@ -169,4 +169,4 @@ def _kv_budget_bytes(device: torch.device, fraction: float | None) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * (fraction or 0.9))
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(ram * (fraction or 0.1))
+    return int(ram * (fraction or 0.02))
