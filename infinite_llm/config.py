@@ -119,6 +119,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class EngineConfig:
     """What a user may set on `LLM(...)`; every field is checked in `__post_init__`.
 
+    `num_instances` ranks each hold a KV pool; `kv_mode` "pooled" lets a request's KV spread over
+    them, "static" keeps every request on its owner (independent replicas). A worker that does not
+    answer within `worker_timeout_s` fails the engine with an error instead of a hang.
     `num_kv_blocks` is per instance; when None the pool takes `kv_cache_fraction` of the device's
     memory (GPU: 0.9 of the memory free after the weights; CPU: 0.02 of the machine's RAM).
     """
@@ -133,6 +136,9 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
+    num_instances: int = 1
+    kv_mode: str = "pooled"
+    worker_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -151,6 +157,12 @@ class EngineConfig:
             raise ConfigError(
                 f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
             )
+        if self.num_instances < 1:
+            raise ConfigError(f"num_instances must be >= 1, got {self.num_instances}")
+        if self.kv_mode not in ("pooled", "static"):
+            raise ConfigError(f"kv_mode must be 'pooled' or 'static', got {self.kv_mode!r}")
+        if not self.worker_timeout_s > 0:
+            raise ConfigError("worker_timeout_s must be > 0")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 

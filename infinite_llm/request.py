@@ -33,11 +33,16 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(slots=True)
 class Segment:
-    """Consecutive KV positions `start ..` stored in `blocks` of one instance's pool."""
+    """Consecutive KV positions `start .. start + num_blocks * block_size - 1` on one instance.
+
+    `blocks` lists the block ids when the segment lives in this process's pool; the owner of a
+    request keeps only the count for a segment on a creditor (the ids are the creditor's).
+    """
 
     instance: int
     start: int
-    blocks: list[int]
+    num_blocks: int = 0
+    blocks: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True, eq=False)

@@ -1,73 +1,203 @@
 """DistAttention: the model's attention over a request's KV wherever its segments live.
 
-For each step, `begin_step` turns the batch into a `PagedBatch` over this instance's segments and
-the slots of the step's new tokens. Per layer, `__call__` stores the new K/V, computes this
-instance's partial `(out, lse)` and merges it with the partials of other instances' segments.
-With every segment local (one instance), the local partial is the whole attention and nothing is
-exchanged or merged.
+`begin_step` lays the step out: this instance's rows (its requests' local segments), the slots of
+new K/V stored here, and, when the cluster has several instances, one all_gather of
+`ExchangeSummary`s telling each creditor which requests send queries and new K/V to it. Per
+layer, `__call__` stores local K/V and, when anyone has remote work this step:
+  1. one all_to_all sends queries and creditor-bound K/V to the creditors;
+  2. creditors store that K/V and compute partials over the segments they host, all owners'
+     rows in one batched call, and a second all_to_all returns `(out, lse)`;
+  3. the owner computes its local partial and merges all partials exactly.
+When nobody has remote work (always, with one instance) the layer is the local partial alone.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
-from infinite_llm.attention.reference import PagedBatch, paged_attention, store_kv
+from infinite_llm.attention.reference import PagedBatch, merge, paged_attention, store_kv
+from infinite_llm.cluster.comm import Cluster
+from infinite_llm.cluster.messages import ExchangeSummary, RemoteRow
 from infinite_llm.kvcache.pool import KVPool
+from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.request import Request
 
 
-class RemoteSegmentError(NotImplementedError):
-    """A request has KV on another instance, which needs the multi-instance exchange."""
+@dataclass(slots=True)
+class _Rows:
+    """Rows of a PagedBatch under construction, and the new K/V slots they write."""
+
+    tables: list[list[int]] = field(default_factory=list)
+    kv_starts: list[int] = field(default_factory=list)
+    kv_lens: list[int] = field(default_factory=list)
+    q_lens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+
+    def add(self, blocks: list[int], seg_start: int, kv_len: int, q_start: int, q_len: int,
+            new_kv: range, block_size: int) -> None:
+        self.tables.append(blocks)
+        self.kv_starts.append(seg_start)
+        self.kv_lens.append(kv_len)
+        self.q_lens.append(q_len)
+        self.positions.extend(range(q_start, q_start + q_len))
+        for p in new_kv:
+            offset = p - seg_start
+            self.slots.append(blocks[offset // block_size] * block_size + offset % block_size)
+
+    def batch(self, device: torch.device) -> PagedBatch:
+        width = max([len(t) for t in self.tables] + [1])
+        return PagedBatch(
+            cu_q_lens=torch.tensor([0, *self.q_lens], device=device).cumsum(0),
+            q_positions=torch.tensor(self.positions, dtype=torch.long, device=device),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in self.tables],
+                                      dtype=torch.int32, device=device).view(-1, width),
+            kv_starts=torch.tensor(self.kv_starts, dtype=torch.long, device=device),
+            kv_lens=torch.tensor(self.kv_lens, dtype=torch.long, device=device),
+            q_lens=self.q_lens,
+            kv_lens_host=self.kv_lens,
+        )
 
 
 class DistAttention:
-    def __init__(self, pool: KVPool, instance: int, head_dim: int) -> None:
+    def __init__(self, pool: KVPool, rmanager: RManager, cluster: Cluster | None,
+                 num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.pool = pool
-        self.instance = instance
+        self.rmanager = rmanager
+        self.cluster = cluster
+        self.instance = rmanager.instance
+        self.shape = (num_heads, num_kv_heads, head_dim)
         self.scale = head_dim**-0.5
-        self._batch: PagedBatch | None = None
-        self._slots: Tensor | None = None
+        self.exchange = False
 
-    def begin_step(self, requests: list[Request], num_tokens: list[int], positions: Tensor) -> None:
-        """Describe the step: request i computes its next `num_tokens[i]` tokens."""
-        block_size = self.pool.block_size
-        slots: list[int] = []
-        tables: list[list[int]] = []
-        kv_starts: list[int] = []
-        kv_lens: list[int] = []
+    def begin_step(self, requests: list[Request], num_tokens: list[int]) -> bool:
+        """Lay out a step in which request i computes its next `num_tokens[i]` tokens; returns
+        whether this instance must run the model (own tokens, or a part in an exchange)."""
+        bs, device = self.pool.block_size, self.pool.k.device
+        local = _Rows()
+        kv_index: list[int] = []  # step tokens whose K/V is stored here
+        rows: dict[int, list[RemoteRow]] = defaultdict(list)
+        q_out: dict[int, list[int]] = defaultdict(list)  # creditor -> step tokens sent as queries
+        kv_out: dict[int, list[int]] = defaultdict(list)  # creditor -> step tokens whose K/V goes
+        offset = 0
         for request, n in zip(requests, num_tokens):
             lo, hi = request.num_computed_tokens, request.num_computed_tokens + n
-            local = [s for s in request.segments if s.instance == self.instance]
-            if len(local) != len(request.segments):
-                raise RemoteSegmentError(
-                    f"request {request.request_id} has KV on other instances"
-                )
-            blocks = [b for s in local for b in s.blocks]
-            slots.extend(blocks[p // block_size] * block_size + p % block_size
-                         for p in range(lo, hi))
-            tables.append(blocks)
-            kv_starts.append(0)
-            kv_lens.append(hi)
-        device = positions.device
-        width = max(len(t) for t in tables)
-        q_lens = list(num_tokens)
-        self._slots = torch.tensor(slots, dtype=torch.long, device=device)
-        self._batch = PagedBatch(
-            cu_q_lens=torch.tensor([0, *q_lens], device=device).cumsum(0),
-            q_positions=positions,
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                      dtype=torch.int32, device=device),
-            kv_starts=torch.tensor(kv_starts, dtype=torch.long, device=device),
-            kv_lens=torch.tensor(kv_lens, dtype=torch.long, device=device),
-            q_lens=q_lens,
-            kv_lens_host=kv_lens,
-        )
+            here = None
+            for seg in request.segments:
+                new = range(max(lo, seg.start), min(hi, seg.start + seg.num_blocks * bs))
+                if seg.instance == self.instance:
+                    here = seg
+                    kv_index.extend(offset + p - lo for p in new)
+                    local.add(seg.blocks, seg.start, min(hi - seg.start, seg.num_blocks * bs),
+                              lo, n, new, bs)
+                else:
+                    rows[seg.instance].append(RemoteRow(request.request_id, lo, n, seg.start,
+                                                        seg.num_blocks, new.start,
+                                                        max(new.start, new.stop)))
+                    q_out[seg.instance].extend(range(offset, offset + n))
+                    kv_out[seg.instance].extend(offset + p - lo for p in new)
+            if here is None:  # no KV here: an empty row, so every query has a local partial
+                local.add([], 0, 0, lo, n, range(0), bs)
+            offset += n
+        self._num_tokens = offset
+        self._local = local.batch(device)
+        self._slots = torch.tensor(local.slots, dtype=torch.long, device=device)
+        self._kv_index = None if kv_index == list(range(offset)) else torch.tensor(
+            kv_index, dtype=torch.long, device=device)
+        self.exchange = False
+        if self.cluster is not None:
+            summaries = self.cluster.all_gather(ExchangeSummary(
+                {c: tuple(r) for c, r in rows.items()}, self.rmanager.creditor_updates()))
+            for owner, summary in enumerate(summaries):  # frees first: blocks may be reused
+                update = summary.updates.get(self.instance)
+                if update is not None and owner != self.instance:
+                    self.rmanager.apply_update(owner, update)
+            self.exchange = any(s.rows for s in summaries)
+            if self.exchange:
+                self._plan_exchange(summaries, q_out, kv_out)
+        return offset > 0 or self.exchange
+
+    def _plan_exchange(self, summaries: list[ExchangeSummary], q_out: dict[int, list[int]],
+                       kv_out: dict[int, list[int]]) -> None:
+        """Host other owners' rows here and size both all_to_alls (counts in elements)."""
+        bs, device = self.pool.block_size, self.pool.k.device
+        heads, kv_heads, dim = self.shape
+        hosted = _Rows()
+        self._in_q = [0] * len(summaries)
+        self._in_kv = [0] * len(summaries)
+        for owner, summary in enumerate(summaries):
+            if owner == self.instance:
+                continue
+            for row in summary.rows.get(self.instance, ()):
+                seg = self.rmanager.host(owner, row.request_id, row.seg_start, row.seg_blocks)
+                end = row.q_start + row.num_q
+                hosted.add(seg.blocks, seg.start, min(end - seg.start, seg.num_blocks * bs),
+                           row.q_start, row.num_q, range(row.kv_lo, row.kv_hi), bs)
+                self._in_q[owner] += row.num_q
+                self._in_kv[owner] += row.kv_hi - row.kv_lo
+        self._hosted = hosted.batch(device)
+        self._hosted_slots = torch.tensor(hosted.slots, dtype=torch.long, device=device)
+        world = len(summaries)
+        self._q_out = [torch.tensor(q_out.get(j, []), dtype=torch.long, device=device)
+                       for j in range(world)]
+        self._kv_out = [torch.tensor(kv_out.get(j, []), dtype=torch.long, device=device)
+                        for j in range(world)]
+        self._send = [(len(q_out.get(j, ())) * heads + 2 * len(kv_out.get(j, ())) * kv_heads)
+                      * dim for j in range(world)]
+        self._recv = [(self._in_q[o] * heads + 2 * self._in_kv[o] * kv_heads) * dim
+                      for o in range(world)]
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> out [T, heads, head_dim]."""
-        assert self._batch is not None and self._slots is not None, "begin_step() first"
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
-        store_kv(k_cache, v_cache, self._slots, k, v)
-        out, _ = paged_attention(q, k_cache, v_cache, self._batch, self.scale)
-        return out
+        if self._kv_index is None:
+            store_kv(k_cache, v_cache, self._slots, k, v)
+        else:
+            store_kv(k_cache, v_cache, self._slots, k[self._kv_index], v[self._kv_index])
+        if not self.exchange:
+            return paged_attention(q, k_cache, v_cache, self._local, self.scale)[0]
+        partials = self._exchange(layer, q, k, v)
+        out, lse = paged_attention(q, k_cache, v_cache, self._local, self.scale)
+        outs, lses = [out.float()], [lse]
+        heads, _, dim = self.shape
+        for index, part in zip(self._q_out, partials):
+            if len(index) == 0:
+                continue
+            part_out, part_lse = part.split([len(index) * heads * dim, len(index) * heads])
+            outs.append(out.new_zeros(out.shape, dtype=torch.float32).index_copy_(
+                0, index, part_out.view(-1, heads, dim)))
+            lses.append(torch.full_like(lse, float("-inf")).index_copy_(
+                0, index, part_lse.view(-1, heads)))
+        return merge(torch.stack(outs), torch.stack(lses))[0].to(q.dtype)
+
+    def _exchange(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> list[Tensor]:
+        """Steps 1 and 2 of the module docstring; returns, per creditor, its flat (out, lse)."""
+        assert self.cluster is not None
+        heads, kv_heads, dim = self.shape
+        send = torch.cat([q.new_empty(0)] + [
+            torch.cat([q[qi].flatten(), k[ki].flatten(), v[ki].flatten()])
+            for qi, ki in zip(self._q_out, self._kv_out)
+        ])
+        recv = self.cluster.all_to_all(send, self._send, self._recv).split(self._recv)
+        qs, ks, vs = [], [], []
+        for part, nq, nkv in zip(recv, self._in_q, self._in_kv):
+            pq, pk, pv = part.split([nq * heads * dim, nkv * kv_heads * dim, nkv * kv_heads * dim])
+            qs.append(pq.view(nq, heads, dim))
+            ks.append(pk.view(nkv, kv_heads, dim))
+            vs.append(pv.view(nkv, kv_heads, dim))
+        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
+        store_kv(k_cache, v_cache, self._hosted_slots, torch.cat(ks), torch.cat(vs))
+        out, lse = paged_attention(torch.cat(qs), k_cache, v_cache, self._hosted, self.scale)
+        per_owner = torch.tensor(self._in_q).cumsum(0).tolist()
+        chunks, start = [], 0
+        for end in per_owner:
+            chunks.append(torch.cat([out[start:end].float().flatten(), lse[start:end].flatten()]))
+            start = end
+        back = torch.cat([out.new_empty(0, dtype=torch.float32), *chunks])
+        back_send = [n * heads * (dim + 1) for n in self._in_q]
+        back_recv = [len(i) * heads * (dim + 1) for i in self._q_out]
+        return list(self.cluster.all_to_all(back, back_send, back_recv).split(back_recv))

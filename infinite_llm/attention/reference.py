@@ -60,6 +60,8 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
+    if num_tokens == 0:
+        return q.new_zeros(q.shape), q.new_zeros((0, num_heads), dtype=torch.float32)
     if batch.num_rows == num_tokens and all(n == 1 for n in batch.q_lens):
         # Decode: one query per row, every row in one padded batched computation.
         keys, values, k_pos, k_valid = _gather_rows(k_cache, v_cache, batch, range(num_tokens))

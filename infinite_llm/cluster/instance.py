@@ -1,45 +1,76 @@
 """One instance: the model, its KV pool and rManager, its scheduler, and the step that runs them.
 
-A step reads aloud: schedule -> forward -> sample -> postprocess. The instance owns its requests
-from admission to finish; what changed in a step leaves as `RequestDelta`s.
+A step reads aloud: apply the plan -> schedule -> lay out the exchange -> forward -> sample ->
+report. The instance owns its requests from admission to finish; what changed leaves as
+`RequestDelta`s in its `StepReport`, with a heartbeat for the gManager.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
 
 from infinite_llm.attention.dist import DistAttention
+from infinite_llm.cluster.comm import Cluster
+from infinite_llm.cluster.messages import Heartbeat, StepPlan, StepReport
+from infinite_llm.config import ConfigError, EngineConfig
 from infinite_llm.engine.output import Detokenizer, RequestDelta
 from infinite_llm.engine.scheduler import ScheduledBatch, Scheduler
 from infinite_llm.kvcache.pool import KVPool
-from infinite_llm.kvcache.rmanager import KVStats, RManager
+from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.models.llama import LlamaForCausalLM
+from infinite_llm.models.loader import load_model, load_tokenizer, resolve_model
 from infinite_llm.request import FinishReason, Request
-from infinite_llm.sampling import Sampler
+from infinite_llm.sampling import Sampler, make_generator
+
+logger = logging.getLogger(__name__)
 
 
 class Instance:
-    def __init__(
-        self,
-        model: LlamaForCausalLM,
-        pool: KVPool,
-        tokenizer: Any,
-        max_num_batched_tokens: int,
-        max_num_seqs: int,
-        rank: int = 0,
-    ) -> None:
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool, tokenizer: Any,
+                 config: EngineConfig, eos_token_ids: frozenset[int], rank: int = 0,
+                 cluster: Cluster | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.rank = rank
+        self.eos_token_ids = eos_token_ids
         self.rmanager = RManager(pool, rank)
-        self.scheduler = Scheduler(self.rmanager, max_num_batched_tokens, max_num_seqs)
-        self.attention = DistAttention(pool, rank, model.config.head_dim)
+        self.scheduler = Scheduler(self.rmanager, config.max_num_batched_tokens,
+                                   config.max_num_seqs)
+        mc = model.config
+        self.attention = DistAttention(pool, self.rmanager, cluster, mc.num_heads,
+                                       mc.num_kv_heads, mc.head_dim)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, Detokenizer] = {}
         self.device = pool.k.device
+        self.last_batch_tokens = 0
+
+    def run(self, plan: StepPlan) -> StepReport:
+        """One lockstep step: the plan's changes, then a step of the model."""
+        deltas = self.apply(plan)
+        deltas.extend(self.step())
+        demand = self.scheduler.demand_blocks()
+        if demand <= self.rmanager.pool.num_free:  # local memory suffices again
+            self.rmanager.release_unused_leases()
+        return StepReport(tuple(deltas), self.heartbeat(demand))
+
+    def apply(self, plan: StepPlan) -> list[RequestDelta]:
+        for lease in plan.leases:
+            if lease.creditor == self.rank:
+                self.rmanager.grant_lease(lease.debtor, lease.num_blocks)
+            if lease.debtor == self.rank:
+                self.rmanager.receive_lease(lease.creditor, lease.num_blocks)
+        for assigned in plan.requests:
+            if assigned.owner == self.rank:
+                p = assigned.params
+                self.add_request(Request(
+                    assigned.request_id, list(assigned.prompt_token_ids), p, assigned.max_tokens,
+                    self.eos_token_ids, make_generator(p.seed, self.device)))
+        return [d for d in map(self.abort, plan.aborts) if d is not None]
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -51,14 +82,19 @@ class Instance:
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> RequestDelta | None:
+        """Stop a request this instance owns (None if it doesn't own it)."""
         request = self.requests.get(request_id)
         if request is None:
             return None
         request.finish(FinishReason.ABORT)
         return self._release(request, RequestDelta(request_id, (), "", (), FinishReason.ABORT))
 
-    def kv_stats(self) -> KVStats:
-        return self.rmanager.stats()
+    def heartbeat(self, demand_blocks: int = 0) -> Heartbeat:
+        stats = self.rmanager.stats()
+        shortfall = max(0, demand_blocks - stats.free - self.rmanager.lease_room)
+        return Heartbeat(self.rank, stats, len(self.scheduler.running),
+                         len(self.scheduler.waiting), self.last_batch_tokens, demand_blocks,
+                         shortfall, self.rmanager.has_updates, self.scheduler.num_preemptions)
 
     @property
     def num_unfinished(self) -> int:
@@ -67,7 +103,8 @@ class Instance:
     @torch.inference_mode()
     def step(self) -> list[RequestDelta]:
         batch = self.scheduler.schedule()
-        if not batch.requests:
+        self.last_batch_tokens = batch.total_tokens
+        if not self.attention.begin_step(batch.requests, batch.num_tokens):
             return []
         hidden, last_token_rows = self._forward(batch)
         done = [r for r in batch.requests if r.num_uncomputed_tokens == 0]
@@ -94,7 +131,6 @@ class Instance:
             last_row[request.request_id] = len(ids) - 1
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        self.attention.begin_step(batch.requests, batch.num_tokens, pos)
         hidden = self.model(input_ids, pos, self.attention)
         for request, n in zip(batch.requests, batch.num_tokens):
             request.num_computed_tokens += n
@@ -121,3 +157,40 @@ class Instance:
         del self.requests[request.request_id]
         self.detokenizers.pop(request.request_id, None)
         return delta
+
+
+def build_instance(config: EngineConfig, rank: int, cluster: Cluster | None) -> Instance:
+    """Load the model and tokenizer and size the KV pool for one instance."""
+    path = resolve_model(config.model)
+    device, dtype = config.torch_device, config.torch_dtype
+    if device.type == "cuda" and device.index is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.manual_seed(config.seed)
+    if cluster is not None and device.type == "cpu":  # ranks share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cluster.world_size))
+    model = load_model(path, dtype, device)
+    tokenizer = load_tokenizer(path)
+    mc, bs = model.config, config.block_size
+    num_blocks = config.num_kv_blocks
+    if num_blocks is None:
+        per_block = KVPool.bytes_per_block(mc.num_layers, bs, mc.num_kv_heads, mc.head_dim, dtype)
+        num_blocks = _kv_budget_bytes(device, config.kv_cache_fraction) // per_block
+        if num_blocks < 1:
+            raise ConfigError("no memory left for the KV cache; set num_kv_blocks")
+    logger.info("instance %d: KV pool of %d blocks of %d tokens", rank, num_blocks, bs)
+    pool = KVPool(mc.num_layers, num_blocks, bs, mc.num_kv_heads, mc.head_dim, dtype, device)
+    eos = set(mc.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return Instance(model, pool, tokenizer, config, frozenset(eos), rank, cluster)
+
+
+def _kv_budget_bytes(device: torch.device, fraction: float | None) -> int:
+    """Memory for the KV pool: a fraction of the GPU's free memory (after the weights), or of
+    the machine's RAM on CPU (smaller by default: the CPU is shared with everything else)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * (fraction or 0.9))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(ram * (fraction or 0.02))

@@ -1,8 +1,9 @@
 """LLMEngine: add_request / step / abort over the cluster's instances.
 
-The engine is the frontend: it validates and tokenizes requests, hands each to an owner instance,
-steps the instances and folds their deltas into cumulative `RequestOutput`s. With one instance
-everything runs in this process; the multi-instance cluster keeps this interface.
+The engine is the frontend on rank 0: it validates and tokenizes requests, places each on an
+owner instance, decides leases from the instances' heartbeats, broadcasts the step's plan, runs
+rank 0's own instance and gathers every instance's report, folding deltas into cumulative
+`RequestOutput`s. With one instance no process group exists and the same path runs in-process.
 """
 
 from __future__ import annotations
@@ -11,19 +12,22 @@ import dataclasses
 import itertools
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+import torch.distributed as dist
 
-from infinite_llm.cluster.instance import Instance
-from infinite_llm.config import ConfigError, EngineConfig, ModelConfig
-from infinite_llm.engine.output import CompletionOutput, RequestOutput
-from infinite_llm.kvcache.pool import KVPool
+from infinite_llm.cluster.comm import Cluster, WorkerError, init_cluster, spawn_workers
+from infinite_llm.cluster.instance import build_instance
+from infinite_llm.cluster.messages import AssignedRequest, Heartbeat, Lease, StepPlan, StepReport
+from infinite_llm.cluster.worker import serve_worker
+from infinite_llm.config import ConfigError, EngineConfig
+from infinite_llm.engine.output import CompletionOutput, RequestDelta, RequestOutput
 from infinite_llm.kvcache.rmanager import KVStats
-from infinite_llm.models.loader import load_model, load_tokenizer, resolve_model
-from infinite_llm.request import Request
-from infinite_llm.sampling import SamplingParams, make_generator
+from infinite_llm.request import FinishReason
+from infinite_llm.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -35,42 +39,94 @@ class RequestError(ValueError):
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        torch.manual_seed(config.seed)
-        path = resolve_model(config.model)
-        device, dtype = config.torch_device, config.torch_dtype
-        self.model = load_model(path, dtype, device)
-        self.model_config: ModelConfig = self.model.config
-        self.tokenizer = load_tokenizer(path)
-        pool = self._make_pool(device, dtype)
-        self.max_model_len = self._max_model_len(pool)
-        self.instances = [
-            Instance(self.model, pool, self.tokenizer, config.max_num_batched_tokens,
-                     config.max_num_seqs)
-        ]
+        self.workers: list[subprocess.Popen] = []
+        self.cluster = self._start_cluster(config)
+        self.instance = build_instance(config, 0, self.cluster)
+        self.model_config = self.instance.model.config
+        self.tokenizer = self.instance.tokenizer
+        self.heartbeats: list[Heartbeat] = self._collect([self.instance.heartbeat()])
+        pool = self.instance.rmanager.pool
+        per_instance = pool.num_blocks * pool.block_size
+        pooled = config.kv_mode == "pooled"
+        self.max_model_len = self._max_model_len(per_instance * (len(self.heartbeats)
+                                                                 if pooled else 1))
         self.outputs: dict[str, RequestOutput] = {}
+        self._pending: list[AssignedRequest] = []
+        self._aborts: list[str] = []
         self._ids = itertools.count()
-        eos = set(self.model_config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
+        self._failure: Exception | None = None
 
-    def _make_pool(self, device: torch.device, dtype: torch.dtype) -> KVPool:
-        mc, bs = self.model_config, self.config.block_size
-        num_blocks = self.config.num_kv_blocks
-        if num_blocks is None:
-            per_block = KVPool.bytes_per_block(
-                mc.num_layers, bs, mc.num_kv_heads, mc.head_dim, dtype
-            )
-            num_blocks = _kv_budget_bytes(device, self.config.kv_cache_fraction) // per_block
-            if num_blocks < 1:
-                raise ConfigError("no memory left for the KV cache; set num_kv_blocks")
-        logger.info("KV pool: %d blocks of %d tokens", num_blocks, bs)
-        return KVPool(mc.num_layers, num_blocks, bs, mc.num_kv_heads, mc.head_dim, dtype, device)
+    # ---- cluster ----------------------------------------------------------------------------
 
-    def _max_model_len(self, pool: KVPool) -> int:
-        """The longest sequence served: the model's limit, capped by what the pool can hold."""
+    def _start_cluster(self, config: EngineConfig) -> Cluster | None:
+        """None for one instance; else spawn the workers (or join torchrun's job) and connect."""
+        n = config.num_instances
+        if n == 1:
+            return None
+        if dist.is_initialized():
+            raise ConfigError("a multi-instance engine already runs in this process; "
+                              "shutdown() it first")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
+            world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+            if world != n:
+                raise ConfigError(f"num_instances={n} but torchrun started {world} ranks")
+            if rank != 0:  # this process is a worker: serve rank 0's plans, then leave
+                serve_worker(config, rank, world)
+                sys.exit(0)
+        else:
+            self.workers = spawn_workers(n, config)
+        return init_cluster(0, n, config.torch_device, config.worker_timeout_s)
+
+    def _collect(self, report: Any) -> list[Any]:
+        """Every instance's report (rank 0's given); a dead or silent worker raises WorkerError."""
+        if self.cluster is None:
+            return report
+        try:
+            out = self.cluster.gather(report[0])
+        except Exception as e:
+            raise self._fail(e) from e
+        assert out is not None
+        return out
+
+    def _fail(self, cause: Exception) -> WorkerError:
+        dead = [i + 1 for i, p in enumerate(self.workers) if p.poll() is not None]
+        self._failure = WorkerError(
+            f"instance(s) {dead or '?'} stopped answering ({cause}); the engine is unusable")
+        self._kill_workers()
+        return self._failure
+
+    def _check_workers(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if any(p.poll() is not None for p in self.workers):
+            raise self._fail(RuntimeError("worker process exited"))
+
+    def _kill_workers(self) -> None:
+        for p in self.workers:
+            if p.poll() is None:
+                p.kill()
+        self.workers = []
+
+    def shutdown(self) -> None:
+        """Stop the workers and leave the process group (safe to call twice)."""
+        if self.cluster is None:
+            return
+        if self._failure is None:
+            try:
+                self.cluster.broadcast(StepPlan(shutdown=True))
+                for p in self.workers:
+                    p.wait(timeout=30)
+            except Exception as e:  # already failing: make sure nothing is left running
+                logger.warning("shutdown: %s", e)
+        self._kill_workers()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.cluster = None
+
+    def _max_model_len(self, capacity_tokens: int) -> int:
+        """The longest sequence served: the model's limit, capped by what the KV can hold."""
         mc = self.model_config
-        limits = [mc.max_position_embeddings, pool.num_blocks * pool.block_size]
+        limits = [mc.max_position_embeddings, capacity_tokens]
         if mc.sliding_window:  # attention here is full; past the window it would differ
             limits.append(mc.sliding_window)
         if self.config.max_model_len is not None:
@@ -105,52 +161,99 @@ class LLMEngine:
             raise RequestError("the prompt is empty")
         room = self.max_model_len - len(ids)
         if room < 1:
+            where = "one instance" if self.config.kv_mode == "static" else "this engine"
             raise RequestError(
-                f"the prompt has {len(ids)} tokens; this engine serves at most "
+                f"the prompt has {len(ids)} tokens; {where} serves at most "
                 f"{self.max_model_len} tokens per request (prompt + output), so at most "
                 f"{self.max_model_len - 1} prompt tokens"
             )
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        request = Request(
-            request_id, ids, params, max_tokens, self.eos_token_ids,
-            make_generator(params.seed, self.config.torch_device),
-        )
         self.outputs[request_id] = RequestOutput(
             request_id, prompt if isinstance(prompt, str) else None, ids,
             [CompletionOutput(0, "", [], None, [] if params.logprobs is not None else None)],
         )
-        self.instances[0].add_request(request)
+        self._pending.append(
+            AssignedRequest(request_id, tuple(ids), params, max_tokens, self._place()))
         return request_id
 
+    def _place(self) -> int:
+        """The owner of a new request: fewest requests (counting this step's new ones), then
+        most free blocks, then lowest rank."""
+        queued = [sum(a.owner == h.instance for a in self._pending) for h in self.heartbeats]
+        return min(self.heartbeats, key=lambda h: (h.num_running + h.num_waiting
+                                                   + queued[h.instance], -h.kv.free,
+                                                   h.instance)).instance
+
     def abort_request(self, request_id: str) -> None:
-        """Stop a request and free its blocks; unknown or finished ids are ignored."""
-        for instance in self.instances:
-            delta = instance.abort(request_id)
-            if delta is not None:
-                self.outputs.pop(request_id).apply(delta)
+        """Stop a request and free its blocks (on every instance by the end of the next step);
+        unknown or finished ids are ignored."""
+        pending = [a for a in self._pending if a.request_id == request_id]
+        if pending:
+            self._pending.remove(pending[0])
+            self._apply(RequestDelta(request_id, (), "", (), FinishReason.ABORT))
+        elif request_id in self.outputs:
+            if self.cluster is None:
+                delta = self.instance.abort(request_id)
+                if delta is not None:
+                    self._apply(delta)
+            else:
+                self._aborts.append(request_id)
 
     def step(self) -> list[RequestOutput]:
-        """Run one step on every instance; returns the outputs that changed (finished ones last
-        time they appear)."""
-        changed: list[RequestOutput] = []
-        for instance in self.instances:
-            for delta in instance.step():
-                output = self.outputs[delta.request_id]
-                output.apply(delta)
-                changed.append(output)
-                if output.finished:
-                    del self.outputs[delta.request_id]
-        return changed
+        """One lockstep step of every instance; returns the outputs that changed."""
+        plan = StepPlan(tuple(self._pending), tuple(self._aborts), self._leases())
+        self._pending, self._aborts = [], []
+        if self.cluster is not None:
+            self._check_workers()
+            try:
+                self.cluster.broadcast(plan)
+            except Exception as e:
+                raise self._fail(e) from e
+        reports: list[StepReport] = self._collect([self.instance.run(plan)])
+        self.heartbeats = [r.heartbeat for r in reports]
+        return [self._apply(d) for r in reports for d in r.deltas]
+
+    def _apply(self, delta: RequestDelta) -> RequestOutput:
+        output = self.outputs[delta.request_id]
+        output.apply(delta)
+        if output.finished:
+            del self.outputs[delta.request_id]
+        return output
+
+    def _leases(self) -> tuple[Lease, ...]:
+        """Cover each instance's shortfall from the instances with the most spare blocks."""
+        if self.config.kv_mode == "static":
+            return ()
+        spare = {h.instance: h.kv.free - h.demand_blocks for h in self.heartbeats
+                 if h.shortfall_blocks == 0}
+        leases = []
+        for h in sorted(self.heartbeats, key=lambda h: (-h.shortfall_blocks, h.instance)):
+            need = h.shortfall_blocks
+            while need > 0 and spare and max(spare.values()) > 0:
+                creditor = max(spare, key=lambda i: (spare[i], -i))
+                n = min(need, spare[creditor])
+                leases.append(Lease(h.instance, creditor, n))
+                spare[creditor] -= n
+                need -= n
+        return tuple(leases)
 
     def has_unfinished_requests(self) -> bool:
-        return any(instance.num_unfinished for instance in self.instances)
+        """True while requests run or wait, or creditors still have blocks to be told to free."""
+        if self._pending or self._aborts:
+            return True
+        if self.cluster is None:
+            return self.instance.num_unfinished > 0
+        return any(h.num_running or h.num_waiting or h.has_updates for h in self.heartbeats)
 
     def kv_stats(self) -> list[KVStats]:
-        return [instance.kv_stats() for instance in self.instances]
+        if self.cluster is None:
+            return [self.instance.rmanager.stats()]
+        return [h.kv for h in self.heartbeats]
 
     @property
     def num_preemptions(self) -> int:
-        return sum(i.scheduler.num_preemptions for i in self.instances)
+        """Preemptions on every instance, as of the last step."""
+        return sum(h.num_preemptions for h in self.heartbeats)
 
 
 def engine_config(model: str | None, options: dict[str, Any]) -> EngineConfig:
@@ -160,13 +263,3 @@ def engine_config(model: str | None, options: dict[str, Any]) -> EngineConfig:
     if unknown:
         raise ConfigError(f"unknown engine options {unknown}; known: {sorted(known - {'model'})}")
     return EngineConfig(model=model, **options)
-
-
-def _kv_budget_bytes(device: torch.device, fraction: float | None) -> int:
-    """Memory for the KV pool: a fraction of the GPU's free memory (after the weights), or of
-    the machine's RAM on CPU (smaller by default: the CPU is shared with everything else)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * (fraction or 0.9))
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(ram * (fraction or 0.02))

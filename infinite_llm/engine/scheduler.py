@@ -84,6 +84,18 @@ class Scheduler:
             budget -= n
         return batch
 
+    def demand_blocks(self) -> int:
+        """Blocks the next step would need if every request got its share of the budget; the
+        gManager leases blocks from other instances to cover what this instance lacks."""
+        budget, seats, blocks = self.max_num_batched_tokens, self.max_num_seqs, 0
+        for request in [*self.running, *self.waiting][:seats]:
+            if budget <= 0:
+                break
+            n = min(request.num_uncomputed_tokens, budget)
+            blocks += self.rmanager.blocks_needed(request, n)
+            budget -= n
+        return blocks
+
     def _preempt(self, request: Request) -> None:
         self.rmanager.free(request)
         request.reset_for_recompute()

@@ -1,13 +1,20 @@
 """rManager: the owner of one instance's KV blocks and their exact accounting.
 
 Every block of the pool is in exactly one state: free, *own* (holding KV of a request this
-instance owns) or *lent* (holding KV of a request owned by another instance). Blocks a request
-of ours keeps on other instances are *borrowed*; they are counted here and in the creditor's lent.
+instance owns) or *lent* (set aside for a debtor under a lease, or holding KV of a request owned
+by another instance). Blocks that requests of ours keep on other instances are *borrowed*.
 Invariant after every call: `free + own + lent == total`. Nobody else touches the pool's free list.
+
+Lending works by leases. A lease (debtor D, creditor C, n) makes C set n free blocks aside for D
+and gives D room for n blocks on C; D then places KV there without asking (C learns of it in the
+step's exchange summary and takes the blocks from D's set-aside). When D frees a request, its
+blocks on C go back to D's set-aside; room D no longer needs is released to C's free list. A
+request's KV has at most one segment per instance, and new blocks go to the tail segment first.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 from infinite_llm.kvcache.pool import KVPool
@@ -16,7 +23,7 @@ from infinite_llm.request import Request, Segment
 
 @dataclass(frozen=True, slots=True)
 class KVStats:
-    """Block counts of one instance."""
+    """Block counts of one instance; `lent` includes blocks set aside under unused leases."""
 
     total: int
     free: int
@@ -25,56 +32,162 @@ class KVStats:
     borrowed: int
 
 
+@dataclass(frozen=True, slots=True)
+class CreditorUpdate:
+    """What an owner tells one creditor at the start of a step's exchange (before new KV)."""
+
+    freed: tuple[str, ...]  # requests whose segment on the creditor is to be freed
+    released: int  # unused lease blocks given back to the creditor's free list
+
+
 class RManager:
     def __init__(self, pool: KVPool, instance: int) -> None:
         self.pool = pool
         self.instance = instance
         self._own: dict[str, int] = {}  # request id -> blocks of this pool holding its KV
-        self._lent = 0
+        self._set_aside: dict[int, list[int]] = defaultdict(list)  # debtor -> unused lease blocks
+        self._hosted: dict[tuple[int, str], Segment] = {}  # (owner, request id) -> its KV here
+        self._room: dict[int, int] = defaultdict(int)  # creditor -> blocks we may still place there
         self._borrowed = 0
+        self._freed: dict[int, list[str]] = defaultdict(list)  # creditor -> to tell it
+        self._released: dict[int, int] = defaultdict(int)
 
     @property
     def block_size(self) -> int:
         return self.pool.block_size
 
+    # ---- the owner's side -------------------------------------------------------------------
+
     def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
         """More blocks the request needs so that its next `num_new_tokens` tokens have slots."""
-        held = sum(len(s.blocks) for s in request.segments)
+        held = sum(s.num_blocks for s in request.segments)
         total = request.num_computed_tokens + num_new_tokens
         return max(0, -(-total // self.block_size) - held)
 
     def reserve(self, request: Request, num_new_tokens: int) -> bool:
-        """Give the request slots for its next `num_new_tokens` tokens; False if none are left.
-
-        New blocks extend the request's tail segment when it is here, else start a new segment.
-        """
+        """Give the request slots for its next `num_new_tokens` tokens, or change nothing and
+        return False when neither this pool nor our leases have enough room."""
         needed = self.blocks_needed(request, num_new_tokens)
         if needed == 0:
             return True
-        if needed > self.pool.num_free:
+        takes = self._placement(request, needed)
+        if takes is None:
             return False
-        blocks = self.pool.allocate(needed)
-        tail = request.segments[-1] if request.segments else None
-        if tail is not None and tail.instance == self.instance:
-            tail.blocks.extend(blocks)
-        else:
-            start = sum(len(s.blocks) for s in request.segments) * self.block_size
-            request.segments.append(Segment(self.instance, start, blocks))
-        self._own[request.request_id] = self._own.get(request.request_id, 0) + needed
+        for instance, n in takes:
+            tail = request.segments[-1] if request.segments else None
+            if tail is None or tail.instance != instance:
+                start = sum(s.num_blocks for s in request.segments) * self.block_size
+                tail = Segment(instance, start)
+                request.segments.append(tail)
+            tail.num_blocks += n
+            if instance == self.instance:
+                tail.blocks.extend(self.pool.allocate(n))
+                self._own[request.request_id] = self._own.get(request.request_id, 0) + n
+            else:
+                self._room[instance] -= n
+                self._borrowed += n
         return True
 
+    def _placement(self, request: Request, needed: int) -> list[tuple[int, int]] | None:
+        """Where `needed` new blocks go: the tail's instance, then here (if the request has no
+        segment here yet), then creditors by most room; None if they don't add up."""
+        used = {s.instance for s in request.segments}
+        tail = request.segments[-1].instance if request.segments else None
+        candidates = [] if tail is None else [tail]
+        if self.instance not in used:
+            candidates.append(self.instance)
+        others = sorted((c for c, r in self._room.items() if r > 0 and c not in used),
+                        key=lambda c: (-self._room[c], c))
+        takes = []
+        for instance in candidates + others:
+            room = self.pool.num_free if instance == self.instance else self._room[instance]
+            n = min(room, needed)
+            if n > 0:
+                takes.append((instance, n))
+                needed -= n
+            if needed == 0:
+                return takes
+        return None
+
     def free(self, request: Request) -> None:
-        """Return every block of the request to the free list and clear its segments."""
+        """Free every block of the request, here and (through the next exchange) on creditors."""
         for segment in request.segments:
-            self.pool.free(segment.blocks)
+            if segment.instance == self.instance:
+                self.pool.free(segment.blocks)
+            else:
+                self._room[segment.instance] += segment.num_blocks
+                self._borrowed -= segment.num_blocks
+                self._freed[segment.instance].append(request.request_id)
         self._own.pop(request.request_id, None)
         request.segments.clear()
 
+    @property
+    def lease_room(self) -> int:
+        """Blocks we may still place on creditors."""
+        return sum(self._room.values())
+
+    def receive_lease(self, creditor: int, num_blocks: int) -> None:
+        self._room[creditor] += num_blocks
+
+    def release_unused_leases(self) -> None:
+        """Give back all lease room not in use (the gManager leases again when needed)."""
+        for creditor, room in self._room.items():
+            if room:
+                self._released[creditor] += room
+                self._room[creditor] = 0
+
+    def creditor_updates(self) -> dict[int, CreditorUpdate]:
+        """Frees and releases to send to creditors this step; each is sent once."""
+        updates = {
+            c: CreditorUpdate(tuple(self._freed.get(c, ())), self._released.get(c, 0))
+            for c in set(self._freed) | set(self._released)
+        }
+        self._freed.clear()
+        self._released.clear()
+        return updates
+
+    @property
+    def has_updates(self) -> bool:
+        return bool(self._freed or self._released)
+
+    # ---- the creditor's side ----------------------------------------------------------------
+
+    def grant_lease(self, debtor: int, num_blocks: int) -> None:
+        """Set blocks aside for a debtor; the gManager never asks for more than is free."""
+        self._set_aside[debtor].extend(self.pool.allocate(num_blocks))
+
+    def apply_update(self, owner: int, update: CreditorUpdate) -> None:
+        for request_id in update.freed:
+            segment = self._hosted.pop((owner, request_id))
+            self._set_aside[owner].extend(segment.blocks)
+        released = [self._set_aside[owner].pop() for _ in range(update.released)]
+        self.pool.free(released)
+
+    def host(self, owner: int, request_id: str, start: int, num_blocks: int) -> Segment:
+        """The segment of another instance's request kept here, grown to `num_blocks` blocks
+        from the owner's set-aside."""
+        segment = self._hosted.get((owner, request_id))
+        if segment is None:
+            segment = self._hosted[(owner, request_id)] = Segment(self.instance, start)
+        grow = num_blocks - segment.num_blocks
+        if grow > 0:
+            aside = self._set_aside[owner]
+            if grow > len(aside):
+                raise RuntimeError(f"instance {owner} placed KV beyond its lease here")
+            segment.blocks.extend(aside[-grow:])
+            del aside[-grow:]
+            segment.num_blocks = num_blocks
+        return segment
+
+    # ---- accounting -------------------------------------------------------------------------
+
     def stats(self) -> KVStats:
+        lent = sum(len(b) for b in self._set_aside.values())
+        lent += sum(s.num_blocks for s in self._hosted.values())
         return KVStats(
             total=self.pool.num_blocks,
             free=self.pool.num_free,
             own=sum(self._own.values()),
-            lent=self._lent,
+            lent=lent,
             borrowed=self._borrowed,
         )

@@ -1,0 +1,125 @@
+"""DistAttention across real processes over gloo: a request's KV spread over instances gives the
+same greedy tokens as one instance, every block comes back, static mode rejects what pooled
+serves, and a dead worker fails the driver instead of hanging it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from infinite_llm import LLM, SamplingParams
+from infinite_llm.cluster.comm import WorkerError
+from infinite_llm.engine.engine import RequestError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+LONG = torch.randint(10, 49152, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+SHORT = [torch.randint(10, 49152, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+         for n in (3, 9, 5, 12, 7, 4)]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def llama_path(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def reference(llama_path: Path) -> dict[str, list[int]]:
+    llm = LLM(str(llama_path), num_kv_blocks=256, block_size=4)
+    outs = llm.generate([LONG, *SHORT], GREEDY, use_tqdm=False)
+    return {"long": outs[0].outputs[0].token_ids,
+            "short": [o.outputs[0].token_ids for o in outs[1:]]}
+
+
+def _cluster(path: Path, n: int, **options) -> Iterator[LLM]:
+    llm = LLM(str(path), num_instances=n, block_size=4, worker_timeout_s=20, **options)
+    try:
+        yield llm
+    finally:
+        llm.engine.shutdown()
+
+
+def _all_free(llm: LLM) -> bool:
+    return all(s.free == s.total and s.own == s.lent == s.borrowed == 0 for s in llm.kv_stats())
+
+
+@pytest.mark.parametrize(("n", "blocks", "min_spread"), [(2, 10, 2), (4, 8, 3)])
+def test_long_request_spread_over_instances_equals_one_instance(
+    llama_path: Path, reference, n: int, blocks: int, min_spread: int
+) -> None:
+    # 40 prompt + 32 output tokens = 18 blocks of 4: more than one instance holds.
+    for llm in _cluster(llama_path, n, num_kv_blocks=blocks):
+        engine = llm.engine
+        engine.add_request(LONG, GREEDY, "long")
+        spread, lent_seen = 0, 0
+        tokens: list[int] = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens = out.outputs[0].token_ids
+            stats = llm.kv_stats()
+            spread = max(spread, sum(s.own + s.lent > 0 for s in stats))
+            lent_seen = max(lent_seen, sum(s.lent for s in stats))
+            assert all(s.free + s.own + s.lent == s.total for s in stats)
+            # every borrowed block is one some creditor lent (lent also counts unused leases)
+            assert sum(s.borrowed for s in stats) <= sum(s.lent for s in stats)
+        assert tokens == reference["long"]
+        assert spread >= min_spread and lent_seen > 0
+        assert _all_free(llm)
+
+
+def test_mixed_batch_over_four_instances(llama_path: Path, reference) -> None:
+    for llm in _cluster(llama_path, 4, num_kv_blocks=12):
+        outs = llm.generate([LONG, *SHORT], GREEDY, use_tqdm=False)
+        assert outs[0].outputs[0].token_ids == reference["long"]
+        assert [o.outputs[0].token_ids for o in outs[1:]] == reference["short"]
+        assert _all_free(llm)
+
+
+def test_abort_frees_creditor_blocks(llama_path: Path) -> None:
+    for llm in _cluster(llama_path, 3, num_kv_blocks=8):
+        engine = llm.engine
+        engine.add_request(LONG, GREEDY, "long")
+        for _ in range(40):
+            engine.step()
+            if sum(s.borrowed for s in llm.kv_stats()) > 0:
+                break
+        stats = llm.kv_stats()
+        assert sum(s.borrowed for s in stats) > 0 and sum(s.lent for s in stats) > 0
+        engine.abort_request("long")
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert _all_free(llm)
+
+
+def test_static_mode_rejects_what_pooled_serves(llama_path: Path, reference) -> None:
+    for llm in _cluster(llama_path, 2, num_kv_blocks=12, kv_mode="static"):
+        with pytest.raises(RequestError, match="one instance serves at most 48 tokens"):
+            llm.generate([LONG + LONG], GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in llm.generate(SHORT, GREEDY, use_tqdm=False)] \
+            == reference["short"]
+        assert _all_free(llm)
+
+
+def test_killed_worker_fails_the_driver_quickly(llama_path: Path) -> None:
+    llm = LLM(str(llama_path), num_instances=2, block_size=4, num_kv_blocks=16,
+              worker_timeout_s=10)
+    try:
+        engine = llm.engine
+        for prompt in SHORT:
+            engine.add_request(prompt, GREEDY)
+        engine.step()
+        os.kill(engine.workers[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match="stopped answering"):
+            while True:
+                engine.step()
+        assert time.monotonic() - start < 15
+    finally:
+        llm.engine.shutdown()
