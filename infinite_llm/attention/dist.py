@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from infinite_llm.attention.reference import PagedBatch, merge, paged_attention, store_kv
+from infinite_llm.attention import attention_ops
+from infinite_llm.attention.reference import PagedBatch
 from infinite_llm.cluster.comm import Cluster
 from infinite_llm.cluster.messages import ExchangeSummary, RemoteRow
 from infinite_llm.kvcache.pool import KVPool
@@ -72,6 +73,7 @@ class DistAttention:
         self.instance = rmanager.instance
         self.shape = (num_heads, num_kv_heads, head_dim)
         self.scale = head_dim**-0.5
+        self.ops = attention_ops(pool.k.device)
         self.exchange = False
 
     def begin_step(self, requests: list[Request], num_tokens: list[int]) -> bool:
@@ -79,6 +81,7 @@ class DistAttention:
         whether this instance must run the model (own tokens, or a part in an exchange)."""
         bs, device = self.pool.block_size, self.pool.k.device
         local = _Rows()
+        local_q: list[int] = []  # step token of each query in the local rows
         kv_index: list[int] = []  # step tokens whose K/V is stored here
         rows: dict[int, list[RemoteRow]] = defaultdict(list)
         q_out: dict[int, list[int]] = defaultdict(list)  # creditor -> step tokens sent as queries
@@ -86,28 +89,25 @@ class DistAttention:
         offset = 0
         for request, n in zip(requests, num_tokens):
             lo, hi = request.num_computed_tokens, request.num_computed_tokens + n
-            here = None
             for seg in request.segments:
                 new = range(max(lo, seg.start), min(hi, seg.start + seg.num_blocks * bs))
                 if seg.instance == self.instance:
-                    here = seg
-                    kv_index.extend(offset + p - lo for p in new)
                     local.add(seg.blocks, seg.start, min(hi - seg.start, seg.num_blocks * bs),
                               lo, n, new, bs)
+                    local_q.extend(range(offset, offset + n))
+                    kv_index.extend(offset + p - lo for p in new)
                 else:
                     rows[seg.instance].append(RemoteRow(request.request_id, lo, n, seg.start,
                                                         seg.num_blocks, new.start,
                                                         max(new.start, new.stop)))
                     q_out[seg.instance].extend(range(offset, offset + n))
                     kv_out[seg.instance].extend(offset + p - lo for p in new)
-            if here is None:  # no KV here: an empty row, so every query has a local partial
-                local.add([], 0, 0, lo, n, range(0), bs)
             offset += n
         self._num_tokens = offset
         self._local = local.batch(device)
         self._slots = torch.tensor(local.slots, dtype=torch.long, device=device)
-        self._kv_index = None if kv_index == list(range(offset)) else torch.tensor(
-            kv_index, dtype=torch.long, device=device)
+        self._kv_index = _index_or_none(kv_index, offset, device)
+        self._local_q = _index_or_none(local_q, offset, device)
         self.exchange = False
         if self.cluster is not None:
             summaries = self.cluster.all_gather(ExchangeSummary(
@@ -119,7 +119,30 @@ class DistAttention:
             self.exchange = any(s.rows for s in summaries)
             if self.exchange:
                 self._plan_exchange(summaries, q_out, kv_out)
+        self._merge_layout([local_q] + [q_out.get(j, []) for j in self._creditors()], device)
         return offset > 0 or self.exchange
+
+    def _creditors(self) -> list[int]:
+        world = self.cluster.world_size if self.exchange and self.cluster is not None else 0
+        return [j for j in range(world) if j != self.instance]
+
+    def _merge_layout(self, sources: list[list[int]], device: torch.device) -> None:
+        """Where each partial goes in the stacked `merge` input: a token's k-th partial (local
+        rows first, then creditors in rank order) goes to slot k. None when the local rows
+        already give every token exactly one partial and nothing else comes."""
+        if sources[0] == list(range(self._num_tokens)) and not any(sources[1:]):
+            self._slots_of = None
+            return
+        seen: dict[int, int] = defaultdict(int)
+        self._slots_of = []
+        for tokens in sources:
+            slots = []
+            for t in tokens:
+                slots.append(seen[t])
+                seen[t] += 1
+            self._slots_of.append((torch.tensor(slots, dtype=torch.long, device=device),
+                                   torch.tensor(tokens, dtype=torch.long, device=device)))
+        self._num_slots = max(seen.values(), default=1)
 
     def _plan_exchange(self, summaries: list[ExchangeSummary], q_out: dict[int, list[int]],
                        kv_out: dict[int, list[int]]) -> None:
@@ -155,24 +178,25 @@ class DistAttention:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> out [T, heads, head_dim]."""
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
         if self._kv_index is None:
-            store_kv(k_cache, v_cache, self._slots, k, v)
+            self.ops.store_kv(k_cache, v_cache, self._slots, k, v)
         else:
-            store_kv(k_cache, v_cache, self._slots, k[self._kv_index], v[self._kv_index])
-        if not self.exchange:
-            return paged_attention(q, k_cache, v_cache, self._local, self.scale)[0]
-        partials = self._exchange(layer, q, k, v)
-        out, lse = paged_attention(q, k_cache, v_cache, self._local, self.scale)
-        outs, lses = [out.float()], [lse]
+            self.ops.store_kv(k_cache, v_cache, self._slots, k[self._kv_index],
+                              v[self._kv_index])
+        partials = self._exchange(layer, q, k, v) if self.exchange else []
+        local_q = q if self._local_q is None else q[self._local_q]
+        out, lse = self.ops.paged_attention(local_q, k_cache, v_cache, self._local, self.scale)
+        if self._slots_of is None:
+            return out
         heads, _, dim = self.shape
-        for index, part in zip(self._q_out, partials):
-            if len(index) == 0:
-                continue
-            part_out, part_lse = part.split([len(index) * heads * dim, len(index) * heads])
-            outs.append(out.new_zeros(out.shape, dtype=torch.float32).index_copy_(
-                0, index, part_out.view(-1, heads, dim)))
-            lses.append(torch.full_like(lse, float("-inf")).index_copy_(
-                0, index, part_lse.view(-1, heads)))
-        return merge(torch.stack(outs), torch.stack(lses))[0].to(q.dtype)
+        outs = q.new_zeros((self._num_slots, len(q), heads, dim), dtype=torch.float32)
+        lses = q.new_full((self._num_slots, len(q), heads), float("-inf"), dtype=torch.float32)
+        parts = [(out.float(), lse)] + [
+            part.split([part.numel() // (dim + 1) * dim, part.numel() // (dim + 1)])
+            for part in partials]
+        for (slot, token), (o, s) in zip(self._slots_of, parts):
+            outs[slot, token] = o.reshape(-1, heads, dim)
+            lses[slot, token] = s.reshape(-1, heads)
+        return self.ops.merge(outs, lses)[0].to(q.dtype)
 
     def _exchange(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> list[Tensor]:
         """Steps 1 and 2 of the module docstring; returns, per creditor, its flat (out, lse)."""
@@ -190,8 +214,9 @@ class DistAttention:
             ks.append(pk.view(nkv, kv_heads, dim))
             vs.append(pv.view(nkv, kv_heads, dim))
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
-        store_kv(k_cache, v_cache, self._hosted_slots, torch.cat(ks), torch.cat(vs))
-        out, lse = paged_attention(torch.cat(qs), k_cache, v_cache, self._hosted, self.scale)
+        self.ops.store_kv(k_cache, v_cache, self._hosted_slots, torch.cat(ks), torch.cat(vs))
+        out, lse = self.ops.paged_attention(torch.cat(qs), k_cache, v_cache, self._hosted,
+                                            self.scale)
         per_owner = torch.tensor(self._in_q).cumsum(0).tolist()
         chunks, start = [], 0
         for end in per_owner:
@@ -200,4 +225,12 @@ class DistAttention:
         back = torch.cat([out.new_empty(0, dtype=torch.float32), *chunks])
         back_send = [n * heads * (dim + 1) for n in self._in_q]
         back_recv = [len(i) * heads * (dim + 1) for i in self._q_out]
-        return list(self.cluster.all_to_all(back, back_send, back_recv).split(back_recv))
+        returned = self.cluster.all_to_all(back, back_send, back_recv).split(back_recv)
+        return [returned[j] for j in self._creditors()]
+
+
+def _index_or_none(index: list[int], n: int, device: torch.device) -> Tensor | None:
+    """The index as a tensor, or None when it is simply 0..n-1 (no gather needed)."""
+    if index == list(range(n)):
+        return None
+    return torch.tensor(index, dtype=torch.long, device=device)

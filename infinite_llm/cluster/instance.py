@@ -52,7 +52,7 @@ class Instance:
     def run(self, plan: StepPlan) -> StepReport:
         """One lockstep step: the plan's changes, then a step of the model."""
         deltas = self.apply(plan)
-        deltas.extend(self.step())
+        deltas.extend(self.step(plan.can_borrow))
         demand = self.scheduler.demand_blocks()
         if demand <= self.rmanager.pool.num_free:  # local memory suffices again
             self.rmanager.release_unused_leases()
@@ -101,8 +101,8 @@ class Instance:
         return self.scheduler.num_unfinished
 
     @torch.inference_mode()
-    def step(self) -> list[RequestDelta]:
-        batch = self.scheduler.schedule()
+    def step(self, can_borrow: bool = False) -> list[RequestDelta]:
+        batch = self.scheduler.schedule(can_borrow)
         self.last_batch_tokens = batch.total_tokens
         if not self.attention.begin_step(batch.requests, batch.num_tokens):
             return []

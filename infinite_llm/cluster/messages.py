@@ -36,6 +36,7 @@ class StepPlan:
     requests: tuple[AssignedRequest, ...] = ()
     aborts: tuple[str, ...] = ()
     leases: tuple[Lease, ...] = ()
+    can_borrow: bool = False  # some instance has spare blocks: wait for a lease, don't preempt
     shutdown: bool = False
 
 

@@ -201,7 +201,9 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One lockstep step of every instance; returns the outputs that changed."""
-        plan = StepPlan(tuple(self._pending), tuple(self._aborts), self._leases())
+        leases = self._leases()
+        plan = StepPlan(tuple(self._pending), tuple(self._aborts), leases,
+                        self._has_spare_after(leases))
         self._pending, self._aborts = [], []
         if self.cluster is not None:
             self._check_workers()
@@ -236,6 +238,16 @@ class LLMEngine:
                 spare[creditor] -= n
                 need -= n
         return tuple(leases)
+
+    def _has_spare_after(self, leases: tuple[Lease, ...]) -> bool:
+        """Whether some instance still has blocks to lend after these leases (so a debtor
+        that runs short should wait for the next lease rather than preempt)."""
+        if self.cluster is None or self.config.kv_mode == "static":
+            return False
+        lent = {h.instance: 0 for h in self.heartbeats}
+        for lease in leases:
+            lent[lease.creditor] += lease.num_blocks
+        return any(h.kv.free - h.demand_blocks - lent[h.instance] > 0 for h in self.heartbeats)
 
     def has_unfinished_requests(self) -> bool:
         """True while requests run or wait, or creditors still have blocks to be told to free."""

@@ -49,7 +49,10 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, can_borrow: bool = False) -> ScheduledBatch:
+        """The step's batch. With `can_borrow` (another instance has spare blocks), a running
+        request that finds no block waits a step for the lease the gManager will grant from
+        this instance's heartbeat, instead of preempting anyone."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False
@@ -59,6 +62,9 @@ class Scheduler:
             request = queue.popleft()
             n = min(request.num_uncomputed_tokens, budget)
             while not self.rmanager.reserve(request, n):
+                if can_borrow:
+                    self.running.append(request)
+                    break
                 if not queue:  # nobody left to preempt but itself
                     self._preempt(request)
                     preempted = True

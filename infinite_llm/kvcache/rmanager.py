@@ -9,7 +9,8 @@ Lending works by leases. A lease (debtor D, creditor C, n) makes C set n free bl
 and gives D room for n blocks on C; D then places KV there without asking (C learns of it in the
 step's exchange summary and takes the blocks from D's set-aside). When D frees a request, its
 blocks on C go back to D's set-aside; room D no longer needs is released to C's free list. A
-request's KV has at most one segment per instance, and new blocks go to the tail segment first.
+request's new blocks go to its tail segment first, then here, then to creditors with room; each
+change of instance starts a new segment, so one instance may hold several segments of a request.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class RManager:
         self.instance = instance
         self._own: dict[str, int] = {}  # request id -> blocks of this pool holding its KV
         self._set_aside: dict[int, list[int]] = defaultdict(list)  # debtor -> unused lease blocks
-        self._hosted: dict[tuple[int, str], Segment] = {}  # (owner, request id) -> its KV here
+        self._hosted: dict[tuple[int, str], list[Segment]] = {}  # (owner, request id) -> KV here
         self._room: dict[int, int] = defaultdict(int)  # creditor -> blocks we may still place there
         self._borrowed = 0
         self._freed: dict[int, list[str]] = defaultdict(list)  # creditor -> to tell it
@@ -89,17 +90,16 @@ class RManager:
         return True
 
     def _placement(self, request: Request, needed: int) -> list[tuple[int, int]] | None:
-        """Where `needed` new blocks go: the tail's instance, then here (if the request has no
-        segment here yet), then creditors by most room; None if they don't add up."""
-        used = {s.instance for s in request.segments}
+        """Where `needed` new blocks go: the tail's instance, then here, then creditors by most
+        room; None if they don't add up."""
         tail = request.segments[-1].instance if request.segments else None
-        candidates = [] if tail is None else [tail]
-        if self.instance not in used:
-            candidates.append(self.instance)
-        others = sorted((c for c, r in self._room.items() if r > 0 and c not in used),
-                        key=lambda c: (-self._room[c], c))
+        creditors = sorted((c for c, r in self._room.items() if r > 0),
+                           key=lambda c: (-self._room[c], c))
+        order = dict.fromkeys([tail, self.instance, *creditors])  # keeps order, drops repeats
         takes = []
-        for instance in candidates + others:
+        for instance in order:
+            if instance is None:
+                continue
             room = self.pool.num_free if instance == self.instance else self._room[instance]
             n = min(room, needed)
             if n > 0:
@@ -158,17 +158,19 @@ class RManager:
 
     def apply_update(self, owner: int, update: CreditorUpdate) -> None:
         for request_id in update.freed:
-            segment = self._hosted.pop((owner, request_id))
-            self._set_aside[owner].extend(segment.blocks)
+            for segment in self._hosted.pop((owner, request_id), []):
+                self._set_aside[owner].extend(segment.blocks)
         released = [self._set_aside[owner].pop() for _ in range(update.released)]
         self.pool.free(released)
 
     def host(self, owner: int, request_id: str, start: int, num_blocks: int) -> Segment:
-        """The segment of another instance's request kept here, grown to `num_blocks` blocks
-        from the owner's set-aside."""
-        segment = self._hosted.get((owner, request_id))
+        """The segment starting at `start` of another instance's request, kept here and grown to
+        `num_blocks` blocks from the owner's set-aside."""
+        segments = self._hosted.setdefault((owner, request_id), [])
+        segment = next((s for s in segments if s.start == start), None)
         if segment is None:
-            segment = self._hosted[(owner, request_id)] = Segment(self.instance, start)
+            segment = Segment(self.instance, start)
+            segments.append(segment)
         grow = num_blocks - segment.num_blocks
         if grow > 0:
             aside = self._set_aside[owner]
@@ -183,7 +185,7 @@ class RManager:
 
     def stats(self) -> KVStats:
         lent = sum(len(b) for b in self._set_aside.values())
-        lent += sum(s.num_blocks for s in self._hosted.values())
+        lent += sum(s.num_blocks for segments in self._hosted.values() for s in segments)
         return KVStats(
             total=self.pool.num_blocks,
             free=self.pool.num_free,
