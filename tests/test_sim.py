@@ -1,0 +1,175 @@
+"""The cluster simulator: runs finish, every request is accounted once, and the modes differ
+where they should (static rejects what one instance can't hold; pooled serves it)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from infinite_llm.sim import trace as tr
+from infinite_llm.sim.__main__ import main as sim_main
+from infinite_llm.sim.cluster import SimConfig, Simulator, simulate
+from infinite_llm.sim.cost import DEFAULT_CALIBRATION, CostModel
+from infinite_llm.sim.report import metrics
+from infinite_llm.sim.request import Status
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKED_IN = ROOT / "benchmarks" / "traces" / "mixed_small.jsonl"
+COST = CostModel.from_json()
+
+
+def small_trace(num: int = 120, rate: float = 40.0, seed: int = 0) -> list[tr.TraceRequest]:
+    return tr.generate(tr.TraceSpec(num=num, rate=rate, seed=seed, long_frac=0.15))
+
+
+def assert_accounted(sim: Simulator) -> None:
+    """Every request finished or rejected exactly once, and every block is free again."""
+    statuses = [r.status for r in sim.requests]
+    assert all(s in (Status.FINISHED, Status.REJECTED) for s in statuses)
+    assert len({r.request_id for r in sim.requests}) == len(sim.requests)
+    for r in sim.requests:
+        if r.status is Status.FINISHED:
+            assert r.num_output == r.output_len and r.finish_s is not None
+            assert r.first_token_s is not None and r.arrival_s <= r.first_token_s <= r.finish_s
+        else:
+            assert r.owner is None and r.first_token_s is None
+        assert r.num_blocks == 0 and not r.blocks
+    ledger = sim.ledger
+    ledger.check()
+    assert ledger.free == [ledger.total] * len(ledger.free)
+    assert not any(ledger.borrowed) and not any(ledger.lent) and not any(ledger.own)
+
+
+@pytest.mark.parametrize("mode", ["pooled", "static"])
+@pytest.mark.parametrize("instances", [1, 3, 8])
+def test_small_runs_finish_and_account_every_request(mode: str, instances: int) -> None:
+    sim = Simulator(SimConfig(instances, mode), COST, small_trace())
+    result = sim.run()
+    assert_accounted(sim)
+    m = metrics(result)
+    assert m.finished + m.rejected == m.requests == 120
+    assert m.output_tokens_per_s > 0 and m.ttft_p50_s > 0 and m.tpot_p50_s > 0
+    if mode == "static":
+        assert result.num_leases == 0 and result.num_migrations == 0
+
+
+def test_pooled_run_lends_and_stays_balanced_under_pressure() -> None:
+    """A heavy load on small instances: leases, migrations and preemptions all happen, and the
+    ledger's invariants hold at the end."""
+    trace = tr.generate(tr.TraceSpec(num=300, rate=200.0, seed=3, long_frac=0.3))
+    sim = Simulator(SimConfig(4, "pooled", blocks_per_instance=32), COST, trace)
+    result = sim.run()
+    assert_accounted(sim)
+    assert result.num_leases > 0 and result.num_migrations > 0 and result.num_preemptions > 0
+    assert metrics(result).rejected == 0
+
+
+def test_static_rejects_what_one_instance_cannot_hold_and_pooled_serves_it() -> None:
+    cfg = dict(num_instances=4, blocks_per_instance=48, block_size=16)  # 768 tokens each
+    trace = [tr.TraceRequest("chat", 0.0, 20, 10), tr.TraceRequest("doc", 0.01, 2000, 20),
+             tr.TraceRequest("chat2", 0.02, 30, 10)]
+    static = Simulator(SimConfig(mode="static", **cfg), COST, trace)
+    static.run()
+    assert_accounted(static)
+    assert {r.request_id: r.status for r in static.requests}["doc"] is Status.REJECTED
+    pooled = Simulator(SimConfig(mode="pooled", **cfg), COST, trace)
+    result = pooled.run()
+    assert_accounted(pooled)
+    doc = next(r for r in pooled.requests if r.request_id == "doc")
+    assert doc.status is Status.FINISHED and result.num_leases > 0
+    # and a request larger than the whole cluster is rejected in pooled mode too
+    huge = [tr.TraceRequest("huge", 0.0, 4 * 768 + 1, 4)]
+    assert simulate(SimConfig(mode="pooled", **cfg), COST, huge).requests[0].status \
+        is Status.REJECTED
+
+
+def test_pooled_beats_static_where_long_requests_strand_memory() -> None:
+    """The checked-in trace: long documents straddle one instance's 768 tokens of KV."""
+    trace = tr.load(CHECKED_IN)
+    pooled, static = (metrics(simulate(SimConfig(8, mode), COST, trace))
+                      for mode in ("pooled", "static"))
+    assert static.rejected > 0 and pooled.rejected == 0
+    assert pooled.output_tokens_per_s >= static.output_tokens_per_s
+    assert pooled.window_tokens_per_s >= static.window_tokens_per_s
+    assert pooled.requests_per_s >= static.requests_per_s
+
+
+def test_stranded_cluster_does_not_deadlock() -> None:
+    """Every instance's queue is headed by a request a little larger than one instance."""
+    trace = [tr.TraceRequest(f"doc{i}", 0.0, 800 + 37 * i, 8) for i in range(12)]
+    sim = Simulator(SimConfig(4, "pooled", stuck_after_s=30.0), COST, trace)
+    sim.run()
+    assert_accounted(sim)
+    assert all(r.status is Status.FINISHED for r in sim.requests)
+
+
+def test_runs_are_deterministic() -> None:
+    a, b = (metrics(simulate(SimConfig(6, "pooled"), COST, small_trace(seed=5)))
+            for _ in range(2))
+    assert (a.output_tokens_per_s, a.ttft_p99_s, a.preemptions, a.leased_blocks) == \
+        (b.output_tokens_per_s, b.ttft_p99_s, b.preemptions, b.leased_blocks)
+
+
+def test_1024_instances_finish_quickly() -> None:
+    """Idle instances cost nothing and busy ones cost O(batch) per step."""
+    trace = tr.tile(small_trace(num=16, rate=32.0), 128)  # 2048 requests over 1024 instances
+    start = time.perf_counter()
+    result = simulate(SimConfig(1024, "pooled"), COST, trace)
+    elapsed = time.perf_counter() - start
+    m = metrics(result)
+    assert m.finished + m.rejected == len(trace)
+    assert elapsed < 15.0, f"1024 instances took {elapsed:.1f} s"  # ~3 s on 2 cores
+
+
+def test_trace_generation_is_seeded_and_round_trips(tmp_path: Path) -> None:
+    spec = tr.TraceSpec(num=50, rate=10.0, seed=7, long_frac=0.5)
+    a = tr.generate(spec)
+    assert a == tr.generate(spec) and a != tr.generate(tr.TraceSpec(num=50, seed=8))
+    assert all(8 <= r.prompt_len <= 64 or 256 <= r.prompt_len <= 1024 for r in a)
+    assert [r.arrival_s for r in a] == sorted(r.arrival_s for r in a)
+    path = tmp_path / "t.jsonl"
+    tr.save(a, path)
+    assert tr.load(path) == a
+    assert set(json.loads(path.read_text().splitlines()[0])) == {
+        "request_id", "arrival_s", "prompt_len", "output_len"}
+    tiled = tr.tile(a, 3)
+    assert len(tiled) == 150 and len({r.request_id for r in tiled}) == 150
+    path.write_text('{"request_id": "x", "arrival_s": 0}\n')
+    with pytest.raises(ValueError, match="not a trace line"):
+        tr.load(path)
+
+
+def test_trace_cli_and_checked_in_trace(tmp_path: Path) -> None:
+    out = tmp_path / "cli.jsonl"
+    tr.main(["--num", "20", "--rate", "5", "--seed", "1", "--out", str(out)])
+    assert len(tr.load(out)) == 20
+    checked_in = tr.load(CHECKED_IN)
+    assert len(checked_in) == 200 and CHECKED_IN.stat().st_size < 20_000
+
+
+def test_calibration_file_is_complete_and_strict(tmp_path: Path) -> None:
+    cost = CostModel.from_json(DEFAULT_CALIBRATION)
+    assert cost.efficient_batch_tokens() >= 1
+    assert cost.step_s(10, 0, 0) < cost.step_s(10, 10**6, 0) < cost.step_s(10, 10**6, 10**4)
+    data = json.loads(DEFAULT_CALIBRATION.read_text())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**data, "per_tokn_s": 1.0}))
+    with pytest.raises(ValueError, match="unknown"):
+        CostModel.from_json(bad)
+    del data["per_token_s"]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="missing"):
+        CostModel.from_json(bad)
+
+
+def test_cli_prints_a_table_and_writes_a_plot(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")  # the `sim` extra
+    sim_main(["--instances", "2", "4", "--trace", str(CHECKED_IN), "--trace-instances", "2",
+              "--plots", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "pooled" in out and "static" in out and "ratio" in out
+    assert (tmp_path / "sim_pooled_vs_static.png").stat().st_size > 10_000
