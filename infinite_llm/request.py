@@ -59,6 +59,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    num_stalled_steps: int = 0  # steps in a row it waited for a lease
     arrival_time: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:

@@ -110,12 +110,8 @@ class DistAttention:
         self._local_q = _index_or_none(local_q, offset, device)
         self.exchange = False
         if self.cluster is not None:
-            summaries = self.cluster.all_gather(ExchangeSummary(
-                {c: tuple(r) for c, r in rows.items()}, self.rmanager.creditor_updates()))
-            for owner, summary in enumerate(summaries):  # frees first: blocks may be reused
-                update = summary.updates.get(self.instance)
-                if update is not None and owner != self.instance:
-                    self.rmanager.apply_update(owner, update)
+            summaries = self.cluster.all_gather(
+                ExchangeSummary({c: tuple(r) for c, r in rows.items()}))
             self.exchange = any(s.rows for s in summaries)
             if self.exchange:
                 self._plan_exchange(summaries, q_out, kv_out)

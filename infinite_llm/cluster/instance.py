@@ -15,7 +15,8 @@ import torch
 
 from infinite_llm.attention.dist import DistAttention
 from infinite_llm.cluster.comm import Cluster
-from infinite_llm.cluster.messages import Heartbeat, StepPlan, StepReport
+from infinite_llm.cluster.gmanager import Heartbeat
+from infinite_llm.cluster.messages import CreditorNotice, StepPlan, StepReport
 from infinite_llm.config import ConfigError, EngineConfig
 from infinite_llm.engine.output import Detokenizer, RequestDelta
 from infinite_llm.engine.scheduler import ScheduledBatch, Scheduler
@@ -50,15 +51,18 @@ class Instance:
         self.last_batch_tokens = 0
 
     def run(self, plan: StepPlan) -> StepReport:
-        """One lockstep step: the plan's changes, then a step of the model."""
+        """One lockstep step: the plan's changes, a step of the model, then what rank 0 needs."""
         deltas = self.apply(plan)
         deltas.extend(self.step(plan.can_borrow))
-        demand = self.scheduler.demand_blocks()
-        if demand <= self.rmanager.pool.num_free:  # local memory suffices again
-            self.rmanager.release_unused_leases()
-        return StepReport(tuple(deltas), self.heartbeat(demand))
+        notices = tuple(CreditorNotice(self.rank, creditor, update)
+                        for creditor, update in self.rmanager.end_step().items())
+        return StepReport(tuple(deltas), self.heartbeat(), notices,
+                          self.scheduler.num_preemptions)
 
     def apply(self, plan: StepPlan) -> list[RequestDelta]:
+        for notice in plan.notices:
+            if notice.creditor == self.rank:
+                self.rmanager.apply_update(notice.owner, notice.update)
         for lease in plan.leases:
             if lease.creditor == self.rank:
                 self.rmanager.grant_lease(lease.debtor, lease.num_blocks)
@@ -89,12 +93,21 @@ class Instance:
         request.finish(FinishReason.ABORT)
         return self._release(request, RequestDelta(request_id, (), "", (), FinishReason.ABORT))
 
-    def heartbeat(self, demand_blocks: int = 0) -> Heartbeat:
+    def heartbeat(self) -> Heartbeat:
         stats = self.rmanager.stats()
-        shortfall = max(0, demand_blocks - stats.free - self.rmanager.lease_room)
-        return Heartbeat(self.rank, stats, len(self.scheduler.running),
-                         len(self.scheduler.waiting), self.last_batch_tokens, demand_blocks,
-                         shortfall, self.rmanager.has_updates, self.scheduler.num_preemptions)
+        bs = self.rmanager.block_size
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        unheld = sum(max(0, r.num_tokens - bs * sum(s.num_blocks for s in r.segments))
+                     for r in running)
+        return Heartbeat(
+            instance=self.rank, total_blocks=stats.total, free_blocks=stats.free,
+            own_blocks=stats.own, lent_blocks=stats.lent, borrowed_blocks=stats.borrowed,
+            num_running=len(running), num_waiting=len(waiting),
+            batch_tokens=self.last_batch_tokens,
+            request_blocks=self.rmanager.own_blocks_by_request(), prefill_tokens=unheld,
+            waiting_tokens=sum(r.num_tokens for r in waiting),
+            head_tokens=waiting[0].num_tokens if waiting else 0,
+        )
 
     @property
     def num_unfinished(self) -> int:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from infinite_llm.cluster.gmanager import Heartbeat, Lease, Migration
 from infinite_llm.engine.output import RequestDelta
-from infinite_llm.kvcache.rmanager import CreditorUpdate, KVStats
+from infinite_llm.kvcache.rmanager import CreditorUpdate
 from infinite_llm.sampling import SamplingParams
 
 
@@ -21,44 +22,34 @@ class AssignedRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class Lease:
-    """The creditor sets `num_blocks` free blocks aside for the debtor's requests."""
+class CreditorNotice:
+    """An owner's frees and releases for one creditor, forwarded by rank 0 in the next plan."""
 
-    debtor: int
+    owner: int
     creditor: int
-    num_blocks: int
+    update: CreditorUpdate
 
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
-    """Rank 0's decisions for one step, broadcast to every instance."""
+    """Rank 0's decisions for one step, broadcast to every instance and applied in field order
+    (notices before leases, so released blocks can be leased again at once)."""
 
     requests: tuple[AssignedRequest, ...] = ()
     aborts: tuple[str, ...] = ()
+    notices: tuple[CreditorNotice, ...] = ()
     leases: tuple[Lease, ...] = ()
+    migrations: tuple[Migration, ...] = ()
     can_borrow: bool = False  # some instance has spare blocks: wait for a lease, don't preempt
     shutdown: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    """One instance's state after a step, for the gManager."""
-
-    instance: int
-    kv: KVStats
-    num_running: int
-    num_waiting: int
-    batch_tokens: int
-    demand_blocks: int  # new blocks its queues want next step
-    shortfall_blocks: int  # of those, what neither its free blocks nor its leases cover
-    has_updates: bool  # frees or releases still to be sent to creditors
-    num_preemptions: int  # since start
 
 
 @dataclass(frozen=True, slots=True)
 class StepReport:
     deltas: tuple[RequestDelta, ...]
     heartbeat: Heartbeat
+    notices: tuple[CreditorNotice, ...]  # for rank 0 to forward in the next plan
+    num_preemptions: int  # since start
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,4 +70,3 @@ class ExchangeSummary:
     """What one instance sends to each creditor this step (by creditor rank)."""
 
     rows: dict[int, tuple[RemoteRow, ...]]
-    updates: dict[int, CreditorUpdate]

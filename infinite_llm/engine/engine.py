@@ -20,8 +20,9 @@ from typing import Any
 import torch.distributed as dist
 
 from infinite_llm.cluster.comm import Cluster, WorkerError, init_cluster, spawn_workers
+from infinite_llm.cluster.gmanager import GManager, GManagerConfig, Heartbeat, Lease, NewRequest
 from infinite_llm.cluster.instance import build_instance
-from infinite_llm.cluster.messages import AssignedRequest, Heartbeat, Lease, StepPlan, StepReport
+from infinite_llm.cluster.messages import AssignedRequest, CreditorNotice, StepPlan, StepReport
 from infinite_llm.cluster.worker import serve_worker
 from infinite_llm.config import ConfigError, EngineConfig
 from infinite_llm.engine.output import CompletionOutput, RequestDelta, RequestOutput
@@ -45,14 +46,17 @@ class LLMEngine:
         self.model_config = self.instance.model.config
         self.tokenizer = self.instance.tokenizer
         self.heartbeats: list[Heartbeat] = self._collect([self.instance.heartbeat()])
-        pool = self.instance.rmanager.pool
-        per_instance = pool.num_blocks * pool.block_size
         pooled = config.kv_mode == "pooled"
-        self.max_model_len = self._max_model_len(per_instance * (len(self.heartbeats)
-                                                                 if pooled else 1))
+        capacity = [h.total_blocks * config.block_size for h in self.heartbeats]
+        self.max_model_len = self._max_model_len(sum(capacity) if pooled else min(capacity))
+        self.gmanager = GManager(GManagerConfig(
+            block_size=config.block_size, efficient_batch_tokens=config.max_num_batched_tokens,
+            pooling=pooled))
         self.outputs: dict[str, RequestOutput] = {}
-        self._pending: list[AssignedRequest] = []
+        self._pending: list[AssignedRequest] = []  # owner decided by the next plan
         self._aborts: list[str] = []
+        self._notices: list[CreditorNotice] = []
+        self._preemptions = [0] * len(self.heartbeats)
         self._ids = itertools.count()
         self._failure: Exception | None = None
 
@@ -172,17 +176,8 @@ class LLMEngine:
             request_id, prompt if isinstance(prompt, str) else None, ids,
             [CompletionOutput(0, "", [], None, [] if params.logprobs is not None else None)],
         )
-        self._pending.append(
-            AssignedRequest(request_id, tuple(ids), params, max_tokens, self._place()))
+        self._pending.append(AssignedRequest(request_id, tuple(ids), params, max_tokens, 0))
         return request_id
-
-    def _place(self) -> int:
-        """The owner of a new request: fewest requests (counting this step's new ones), then
-        most free blocks, then lowest rank."""
-        queued = [sum(a.owner == h.instance for a in self._pending) for h in self.heartbeats]
-        return min(self.heartbeats, key=lambda h: (h.num_running + h.num_waiting
-                                                   + queued[h.instance], -h.kv.free,
-                                                   h.instance)).instance
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its blocks (on every instance by the end of the next step);
@@ -201,10 +196,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One lockstep step of every instance; returns the outputs that changed."""
-        leases = self._leases()
-        plan = StepPlan(tuple(self._pending), tuple(self._aborts), leases,
-                        self._has_spare_after(leases))
-        self._pending, self._aborts = [], []
+        plan = self._plan()
+        self._pending, self._aborts, self._notices = [], [], []
         if self.cluster is not None:
             self._check_workers()
             try:
@@ -213,7 +206,26 @@ class LLMEngine:
                 raise self._fail(e) from e
         reports: list[StepReport] = self._collect([self.instance.run(plan)])
         self.heartbeats = [r.heartbeat for r in reports]
+        self._notices = [n for r in reports for n in r.notices]
+        self._preemptions = [r.num_preemptions for r in reports]
         return [self._apply(d) for r in reports for d in r.deltas]
+
+    def _plan(self) -> StepPlan:
+        """Ask the gManager where new requests go and who lends to whom, seeing creditors as
+        they will be once this plan's notices have freed blocks."""
+        freed: dict[int, int] = {}
+        for notice in self._notices:
+            freed[notice.creditor] = freed.get(notice.creditor, 0) + notice.update.num_blocks
+        heartbeats = [dataclasses.replace(h, free_blocks=h.free_blocks + freed.get(h.instance, 0),
+                                          lent_blocks=h.lent_blocks - freed.get(h.instance, 0))
+                      for h in self.heartbeats]
+        new = [NewRequest(a.request_id, len(a.prompt_token_ids), a.max_tokens)
+               for a in self._pending]
+        decision = self.gmanager.plan(heartbeats, new)
+        owner = {p.request_id: p.instance for p in decision.placements}
+        requests = tuple(dataclasses.replace(a, owner=owner[a.request_id]) for a in self._pending)
+        return StepPlan(requests, tuple(self._aborts), tuple(self._notices), decision.leases,
+                        decision.migrations, self._has_spare(heartbeats, decision.leases))
 
     def _apply(self, delta: RequestDelta) -> RequestOutput:
         output = self.outputs[delta.request_id]
@@ -222,50 +234,35 @@ class LLMEngine:
             del self.outputs[delta.request_id]
         return output
 
-    def _leases(self) -> tuple[Lease, ...]:
-        """Cover each instance's shortfall from the instances with the most spare blocks."""
-        if self.config.kv_mode == "static":
-            return ()
-        spare = {h.instance: h.kv.free - h.demand_blocks for h in self.heartbeats
-                 if h.shortfall_blocks == 0}
-        leases = []
-        for h in sorted(self.heartbeats, key=lambda h: (-h.shortfall_blocks, h.instance)):
-            need = h.shortfall_blocks
-            while need > 0 and spare and max(spare.values()) > 0:
-                creditor = max(spare, key=lambda i: (spare[i], -i))
-                n = min(need, spare[creditor])
-                leases.append(Lease(h.instance, creditor, n))
-                spare[creditor] -= n
-                need -= n
-        return tuple(leases)
-
-    def _has_spare_after(self, leases: tuple[Lease, ...]) -> bool:
-        """Whether some instance still has blocks to lend after these leases (so a debtor
-        that runs short should wait for the next lease rather than preempt)."""
+    def _has_spare(self, heartbeats: list[Heartbeat], leases: tuple[Lease, ...]) -> bool:
+        """Whether some instance still has free blocks after these leases (so a debtor that
+        runs short should wait for the next lease rather than preempt)."""
         if self.cluster is None or self.config.kv_mode == "static":
             return False
-        lent = {h.instance: 0 for h in self.heartbeats}
+        lent = {h.instance: 0 for h in heartbeats}
         for lease in leases:
             lent[lease.creditor] += lease.num_blocks
-        return any(h.kv.free - h.demand_blocks - lent[h.instance] > 0 for h in self.heartbeats)
+        return any(h.free_blocks - lent[h.instance] > 0 for h in heartbeats)
 
     def has_unfinished_requests(self) -> bool:
         """True while requests run or wait, or creditors still have blocks to be told to free."""
-        if self._pending or self._aborts:
+        if self._pending or self._aborts or self._notices:
             return True
         if self.cluster is None:
             return self.instance.num_unfinished > 0
-        return any(h.num_running or h.num_waiting or h.has_updates for h in self.heartbeats)
+        return any(h.num_running or h.num_waiting for h in self.heartbeats)
 
     def kv_stats(self) -> list[KVStats]:
+        """Per instance, as of the last step (live for a single instance)."""
         if self.cluster is None:
             return [self.instance.rmanager.stats()]
-        return [h.kv for h in self.heartbeats]
+        return [KVStats(h.total_blocks, h.free_blocks, h.own_blocks, h.lent_blocks,
+                        h.borrowed_blocks) for h in self.heartbeats]
 
     @property
     def num_preemptions(self) -> int:
         """Preemptions on every instance, as of the last step."""
-        return sum(h.num_preemptions for h in self.heartbeats)
+        return sum(self._preemptions)
 
 
 def engine_config(model: str | None, options: dict[str, Any]) -> EngineConfig:

@@ -33,6 +33,9 @@ class ScheduledBatch:
         self.num_tokens.append(num_tokens)
 
 
+MAX_STALLED_STEPS = 4
+
+
 class Scheduler:
     def __init__(self, rmanager: RManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
         self.rmanager = rmanager
@@ -51,8 +54,9 @@ class Scheduler:
 
     def schedule(self, can_borrow: bool = False) -> ScheduledBatch:
         """The step's batch. With `can_borrow` (another instance has spare blocks), a running
-        request that finds no block waits a step for the lease the gManager will grant from
-        this instance's heartbeat, instead of preempting anyone."""
+        request that finds no block waits for the lease the gManager grants from this
+        instance's heartbeat instead of preempting anyone, for at most MAX_STALLED_STEPS steps
+        in a row (the gManager may keep the blocks for their owner's own queue)."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False
@@ -62,7 +66,8 @@ class Scheduler:
             request = queue.popleft()
             n = min(request.num_uncomputed_tokens, budget)
             while not self.rmanager.reserve(request, n):
-                if can_borrow:
+                if can_borrow and request.num_stalled_steps < MAX_STALLED_STEPS:
+                    request.num_stalled_steps += 1
                     self.running.append(request)
                     break
                 if not queue:  # nobody left to preempt but itself
@@ -72,6 +77,7 @@ class Scheduler:
                 self._preempt(queue.pop())
                 preempted = True
             else:
+                request.num_stalled_steps = 0
                 self.running.append(request)
                 batch.add(request, n)
                 budget -= n
@@ -89,18 +95,6 @@ class Scheduler:
             batch.add(request, n)
             budget -= n
         return batch
-
-    def demand_blocks(self) -> int:
-        """Blocks the next step would need if every request got its share of the budget; the
-        gManager leases blocks from other instances to cover what this instance lacks."""
-        budget, seats, blocks = self.max_num_batched_tokens, self.max_num_seqs, 0
-        for request in [*self.running, *self.waiting][:seats]:
-            if budget <= 0:
-                break
-            n = min(request.num_uncomputed_tokens, budget)
-            blocks += self.rmanager.blocks_needed(request, n)
-            budget -= n
-        return blocks
 
     def _preempt(self, request: Request) -> None:
         self.rmanager.free(request)

@@ -5,10 +5,12 @@ instance owns) or *lent* (set aside for a debtor under a lease, or holding KV of
 by another instance). Blocks that requests of ours keep on other instances are *borrowed*.
 Invariant after every call: `free + own + lent == total`. Nobody else touches the pool's free list.
 
-Lending works by leases. A lease (debtor D, creditor C, n) makes C set n free blocks aside for D
-and gives D room for n blocks on C; D then places KV there without asking (C learns of it in the
-step's exchange summary and takes the blocks from D's set-aside). When D frees a request, its
-blocks on C go back to D's set-aside; room D no longer needs is released to C's free list. A
+Lending works by leases, each good for one step. A lease (debtor D, creditor C, n) makes C set n
+free blocks aside for D and gives D room for n blocks on C; D then places KV there without asking
+(C learns of it in the step's exchange summary and takes the blocks from D's set-aside). At the
+end of the step D releases the room it did not use. Frees of D's blocks on C and releases reach C
+as a `CreditorUpdate` through rank 0's next plan, before that plan's leases; so D never reuses a
+block C has not freed yet, and C's free count in a heartbeat is memory nobody was promised. A
 request's new blocks go to its tail segment first, then here, then to creditors with room; each
 change of instance starts a new segment, so one instance may hold several segments of a request.
 """
@@ -35,10 +37,15 @@ class KVStats:
 
 @dataclass(frozen=True, slots=True)
 class CreditorUpdate:
-    """What an owner tells one creditor at the start of a step's exchange (before new KV)."""
+    """What an owner tells one creditor after a step: blocks it may free."""
 
-    freed: tuple[str, ...]  # requests whose segment on the creditor is to be freed
+    freed: tuple[str, ...]  # requests whose segments on the creditor are to be freed
+    freed_blocks: int  # how many blocks those segments hold
     released: int  # unused lease blocks given back to the creditor's free list
+
+    @property
+    def num_blocks(self) -> int:
+        return self.freed_blocks + self.released
 
 
 class RManager:
@@ -51,6 +58,7 @@ class RManager:
         self._room: dict[int, int] = defaultdict(int)  # creditor -> blocks we may still place there
         self._borrowed = 0
         self._freed: dict[int, list[str]] = defaultdict(list)  # creditor -> to tell it
+        self._freed_blocks: dict[int, int] = defaultdict(int)
         self._released: dict[int, int] = defaultdict(int)
 
     @property
@@ -115,40 +123,32 @@ class RManager:
             if segment.instance == self.instance:
                 self.pool.free(segment.blocks)
             else:
-                self._room[segment.instance] += segment.num_blocks
                 self._borrowed -= segment.num_blocks
-                self._freed[segment.instance].append(request.request_id)
+                self._freed_blocks[segment.instance] += segment.num_blocks
+                if request.request_id not in self._freed[segment.instance]:
+                    self._freed[segment.instance].append(request.request_id)
         self._own.pop(request.request_id, None)
         request.segments.clear()
-
-    @property
-    def lease_room(self) -> int:
-        """Blocks we may still place on creditors."""
-        return sum(self._room.values())
 
     def receive_lease(self, creditor: int, num_blocks: int) -> None:
         self._room[creditor] += num_blocks
 
-    def release_unused_leases(self) -> None:
-        """Give back all lease room not in use (the gManager leases again when needed)."""
+    def end_step(self) -> dict[int, CreditorUpdate]:
+        """Release the lease room not used this step and hand over, by creditor, what each may
+        free (each free and release is handed over once)."""
         for creditor, room in self._room.items():
             if room:
                 self._released[creditor] += room
-                self._room[creditor] = 0
-
-    def creditor_updates(self) -> dict[int, CreditorUpdate]:
-        """Frees and releases to send to creditors this step; each is sent once."""
+        self._room.clear()
         updates = {
-            c: CreditorUpdate(tuple(self._freed.get(c, ())), self._released.get(c, 0))
-            for c in set(self._freed) | set(self._released)
+            c: CreditorUpdate(tuple(self._freed.get(c, ())), self._freed_blocks.get(c, 0),
+                              self._released.get(c, 0))
+            for c in sorted(set(self._freed) | set(self._released))
         }
         self._freed.clear()
+        self._freed_blocks.clear()
         self._released.clear()
         return updates
-
-    @property
-    def has_updates(self) -> bool:
-        return bool(self._freed or self._released)
 
     # ---- the creditor's side ----------------------------------------------------------------
 
@@ -159,7 +159,7 @@ class RManager:
     def apply_update(self, owner: int, update: CreditorUpdate) -> None:
         for request_id in update.freed:
             for segment in self._hosted.pop((owner, request_id), []):
-                self._set_aside[owner].extend(segment.blocks)
+                self.pool.free(segment.blocks)
         released = [self._set_aside[owner].pop() for _ in range(update.released)]
         self.pool.free(released)
 
@@ -182,6 +182,10 @@ class RManager:
         return segment
 
     # ---- accounting -------------------------------------------------------------------------
+
+    def own_blocks_by_request(self) -> tuple[tuple[str, int], ...]:
+        """(request id, blocks of it held here) for the requests we own, largest first."""
+        return tuple(sorted(self._own.items(), key=lambda item: (-item[1], item[0])))
 
     def stats(self) -> KVStats:
         lent = sum(len(b) for b in self._set_aside.values())
