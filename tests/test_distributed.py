@@ -123,3 +123,23 @@ def test_killed_worker_fails_the_driver_quickly(llama_path: Path) -> None:
         assert time.monotonic() - start < 15
     finally:
         llm.engine.shutdown()
+
+
+def test_migration_keeps_tokens_and_frees_blocks(llama_path: Path, reference) -> None:
+    for llm in _cluster(llama_path, 2, num_kv_blocks=32):
+        engine = llm.engine
+        engine.add_request(LONG, GREEDY, "long")
+        tokens: list[int] = []
+        for _ in range(3):  # prefill, then two decode steps, all on the owner
+            tokens = engine.step()[0].outputs[0].token_ids
+        owner = next(i for i, s in enumerate(llm.kv_stats()) if s.own)
+        held = llm.kv_stats()[owner].own
+        engine.migrate("long", 1 - owner)
+        tokens = engine.step()[0].outputs[0].token_ids
+        stats = llm.kv_stats()
+        assert stats[1 - owner].lent == held and stats[owner].borrowed == held
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens = out.outputs[0].token_ids
+        assert tokens == reference["long"]
+        assert _all_free(llm)

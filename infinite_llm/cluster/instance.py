@@ -17,6 +17,7 @@ from infinite_llm.attention.dist import DistAttention
 from infinite_llm.cluster.comm import Cluster
 from infinite_llm.cluster.gmanager import Heartbeat
 from infinite_llm.cluster.messages import CreditorNotice, StepPlan, StepReport
+from infinite_llm.cluster.migration import migrate
 from infinite_llm.config import ConfigError, EngineConfig
 from infinite_llm.engine.output import Detokenizer, RequestDelta
 from infinite_llm.engine.scheduler import ScheduledBatch, Scheduler
@@ -37,6 +38,7 @@ class Instance:
         self.model = model
         self.tokenizer = tokenizer
         self.rank = rank
+        self.cluster = cluster
         self.eos_token_ids = eos_token_ids
         self.rmanager = RManager(pool, rank)
         self.scheduler = Scheduler(self.rmanager, config.max_num_batched_tokens,
@@ -68,13 +70,17 @@ class Instance:
                 self.rmanager.grant_lease(lease.debtor, lease.num_blocks)
             if lease.debtor == self.rank:
                 self.rmanager.receive_lease(lease.creditor, lease.num_blocks)
+        aborted = [d for d in map(self.abort, plan.aborts) if d is not None]
+        if plan.migrations and self.cluster is not None:
+            migrate(plan.migrations, self.requests, self.rmanager, self.rmanager.pool,
+                    self.cluster)
         for assigned in plan.requests:
             if assigned.owner == self.rank:
                 p = assigned.params
                 self.add_request(Request(
                     assigned.request_id, list(assigned.prompt_token_ids), p, assigned.max_tokens,
                     self.eos_token_ids, make_generator(p.seed, self.device)))
-        return [d for d in map(self.abort, plan.aborts) if d is not None]
+        return aborted
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request

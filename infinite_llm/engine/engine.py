@@ -20,7 +20,14 @@ from typing import Any
 import torch.distributed as dist
 
 from infinite_llm.cluster.comm import Cluster, WorkerError, init_cluster, spawn_workers
-from infinite_llm.cluster.gmanager import GManager, GManagerConfig, Heartbeat, Lease, NewRequest
+from infinite_llm.cluster.gmanager import (
+    GManager,
+    GManagerConfig,
+    Heartbeat,
+    Lease,
+    Migration,
+    NewRequest,
+)
 from infinite_llm.cluster.instance import build_instance
 from infinite_llm.cluster.messages import AssignedRequest, CreditorNotice, StepPlan, StepReport
 from infinite_llm.cluster.worker import serve_worker
@@ -57,6 +64,8 @@ class LLMEngine:
         self._aborts: list[str] = []
         self._notices: list[CreditorNotice] = []
         self._preemptions = [0] * len(self.heartbeats)
+        self._owners: dict[str, int] = {}
+        self._migrations: list[Migration] = []
         self._ids = itertools.count()
         self._failure: Exception | None = None
 
@@ -222,16 +231,31 @@ class LLMEngine:
         new = [NewRequest(a.request_id, len(a.prompt_token_ids), a.max_tokens)
                for a in self._pending]
         decision = self.gmanager.plan(heartbeats, new)
-        owner = {p.request_id: p.instance for p in decision.placements}
-        requests = tuple(dataclasses.replace(a, owner=owner[a.request_id]) for a in self._pending)
+        self._owners.update((p.request_id, p.instance) for p in decision.placements)
+        requests = tuple(dataclasses.replace(a, owner=self._owners[a.request_id])
+                         for a in self._pending)
+        migrations = decision.migrations + tuple(self._migrations)
+        self._migrations = []
         return StepPlan(requests, tuple(self._aborts), tuple(self._notices), decision.leases,
-                        decision.migrations, self._has_spare(heartbeats, decision.leases))
+                        migrations, self._has_spare(heartbeats, decision.leases))
+
+    def migrate(self, request_id: str, target: int) -> None:
+        """Move the request's KV blocks on its owner to `target` at the next step (the
+        gManager does this on its own when an owner is short of memory)."""
+        owner = self._owners.get(request_id)
+        if owner is None or request_id not in self.outputs:
+            raise RequestError(f"request {request_id!r} is not running")
+        if not 0 <= target < len(self.heartbeats) or target == owner:
+            raise RequestError(f"cannot migrate to instance {target}")
+        held = dict(self.heartbeats[owner].request_blocks).get(request_id, 0)
+        self._migrations.append(Migration(request_id, owner, target, held))
 
     def _apply(self, delta: RequestDelta) -> RequestOutput:
         output = self.outputs[delta.request_id]
         output.apply(delta)
         if output.finished:
             del self.outputs[delta.request_id]
+            self._owners.pop(delta.request_id, None)
         return output
 
     def _has_spare(self, heartbeats: list[Heartbeat], leases: tuple[Lease, ...]) -> bool:

@@ -150,6 +150,20 @@ class RManager:
         self._released.clear()
         return updates
 
+    def migrate_out(self, request: Request, target: int) -> list[Segment]:
+        """Hand the request's segments held here over to `target` (their KV already sent);
+        returns them as they were, for the sender's record."""
+        moved = [s for s in request.segments if s.instance == self.instance]
+        for segment in moved:
+            self.pool.free(segment.blocks)
+            self._own[request.request_id] -= segment.num_blocks
+            self._borrowed += segment.num_blocks
+        if not self._own[request.request_id]:
+            del self._own[request.request_id]
+        for segment in moved:
+            segment.instance, segment.blocks = target, []
+        return moved
+
     # ---- the creditor's side ----------------------------------------------------------------
 
     def grant_lease(self, debtor: int, num_blocks: int) -> None:
@@ -162,6 +176,13 @@ class RManager:
                 self.pool.free(segment.blocks)
         released = [self._set_aside[owner].pop() for _ in range(update.released)]
         self.pool.free(released)
+
+    def adopt(self, owner: int, request_id: str, start: int, num_blocks: int) -> list[int]:
+        """Take in a migrated segment of another instance's request: new blocks from the free
+        list (the gManager migrates only into free memory), to be filled by the caller."""
+        segment = Segment(self.instance, start, num_blocks, self.pool.allocate(num_blocks))
+        self._hosted.setdefault((owner, request_id), []).append(segment)
+        return segment.blocks
 
     def host(self, owner: int, request_id: str, start: int, num_blocks: int) -> Segment:
         """The segment starting at `start` of another instance's request, kept here and grown to

@@ -1,0 +1,47 @@
+"""Triton GPU kernels with the signatures of `infinite_llm.attention.reference`.
+
+Importing this package imports triton; `infinite_llm.attention.attention_ops` imports it only on
+CUDA devices, so CPU machines without triton never do.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from infinite_llm.attention.reference import PagedBatch
+from infinite_llm.attention.triton.decode import DecodeConfig, decode_attention
+from infinite_llm.attention.triton.merge import merge, merge_into
+from infinite_llm.attention.triton.prefill import prefill_attention
+from infinite_llm.attention.triton.store import store_kv
+
+__all__ = [
+    "DecodeConfig",
+    "decode_attention",
+    "merge",
+    "merge_into",
+    "paged_attention",
+    "prefill_attention",
+    "store_kv",
+]
+
+
+def paged_attention(
+    q: Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    batch: PagedBatch,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Partial attention of every row -> (out [T, H, D] in q's dtype, lse [T, H] float32).
+
+    All-decode batches take the split-K decode kernel, which spreads long contexts over the whole
+    GPU; anything with a longer query run takes the prefill kernel (decode rows included)."""
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV cache of a layer must be contiguous")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of "
+                         f"{k_cache.shape[2]} kv heads")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if batch.num_rows == q.shape[0] and all(n == 1 for n in batch.q_lens):
+        return decode_attention(q, k_cache, v_cache, batch, scale)
+    return prefill_attention(q, k_cache, v_cache, batch, scale)

@@ -1,0 +1,214 @@
+"""Paged decode attention with split-K (flash-decoding): one query per row.
+
+Grid (row, kv_head, split). A program holds the queries of one GQA group as the M dimension of
+its dots (padded to 16, the smallest tl.dot), so each KV tile is read from memory once for the
+whole group, and walks the keys of its split with an online softmax. Decode is bound by reading
+the KV cache, so the number of splits is chosen to fill the GPU's resident program slots (SMs x
+programs per SM, read off the compiled kernel) in one round: with uniform work a grid of 1.3
+rounds runs nearly as long as 2. One split when rows x kv_heads already keep the memory busy,
+more for long contexts of a few rows. Splits write fp32 partials that `merge_into` reduces
+exactly; with one split the kernel writes the final output directly. (Merging inside the kernel,
+by the last split to finish, measured slower on an H100: the merges then run after the wave.)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from infinite_llm.attention.reference import PagedBatch
+from infinite_llm.attention.triton.common import (
+    LOG2E,
+    dot_precision,
+    finish,
+    load_kv_tile,
+    next_pow2,
+    softmax_step,
+)
+from infinite_llm.attention.triton.merge import merge_into
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    """Tile and launch shape; `splits` fixes the split count (tests, tuning) instead of the
+    occupancy rule of `num_splits`. No split gets fewer than `min_split_tokens` keys."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    min_split_tokens: int = 256
+    splits: int | None = None
+
+
+# Resident programs per SM of each compiled specialization, learned at its first launch.
+_PROGRAMS_PER_SM: dict[tuple, int] = {}
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # [num_rows, num_heads, HEAD_DIM], contiguous
+    k_ptr,  # [num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM], contiguous
+    v_ptr,  # [num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM], contiguous
+    table_ptr,  # [num_rows, stride_table] int32
+    kv_starts_ptr,  # [num_rows] int64
+    kv_lens_ptr,  # [num_rows] int64
+    q_pos_ptr,  # [num_rows] int64
+    out_ptr,  # [num_rows, num_heads, HEAD_DIM]
+    lse_ptr,  # [num_rows, num_heads] float32
+    o_part_ptr,  # [num_splits, num_rows, num_heads, HEAD_DIM] float32 (unused with one split)
+    lse_part_ptr,  # [num_splits, num_rows, num_heads] float32 (unused with one split)
+    qk_scale,  # softmax scale * log2(e)
+    num_rows,
+    stride_table,
+    tokens_per_split,  # multiple of BLOCK_N
+    num_splits,
+    GROUP: tl.constexpr,  # query heads per kv head
+    BLOCK_H: tl.constexpr,  # GROUP padded to a power of two >= 16 (the smallest tl.dot)
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # keys per tile
+    PAGE: tl.constexpr,  # tokens per cache block
+    PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_start = tl.load(kv_starts_ptr + row)
+    kv_len = tl.load(kv_lens_ptr + row)
+    pos = tl.load(q_pos_ptr + row)
+    # Keys kv_start + j with j < kv_len and kv_start + j <= pos are visible: a prefix of the row.
+    n = tl.maximum(tl.minimum(kv_len, pos - kv_start + 1), 0).to(tl.int32)
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, n)
+    full_hi = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+
+    num_heads: tl.constexpr = NUM_KV_HEADS * GROUP
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_heads = row * num_heads + kvh * GROUP + offs_h  # [BLOCK_H] index into [rows, heads]
+    h_mask = offs_h < GROUP
+    qo_mask = h_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + row_heads[:, None] * HEAD_DIM + offs_d[None, :], mask=qo_mask,
+                other=0.0).to(k_ptr.dtype.element_ty)
+    stride_t: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
+    k_base = k_ptr + kvh * HEAD_DIM
+    v_base = v_ptr + kvh * HEAD_DIM
+    table = table_ptr + row * stride_table
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for start in range(lo, full_hi, BLOCK_N):  # whole tiles: no masks
+        tok = start + tl.arange(0, BLOCK_N)
+        k, v = load_kv_tile(k_base, v_base, table, tok, tok < hi, offs_d, PAGE * stride_t,
+                            stride_t, PAGE * stride_t, stride_t, PAGE, HEAD_DIM, BLOCK_D, False)
+        m_i, l_i, acc = softmax_step(q, k, v, 0, m_i, l_i, acc, qk_scale, False, PRECISION)
+    for start in range(full_hi, hi, BLOCK_N):  # the last, partial tile
+        tok = start + tl.arange(0, BLOCK_N)
+        valid = tok < hi
+        k, v = load_kv_tile(k_base, v_base, table, tok, valid, offs_d, PAGE * stride_t,
+                            stride_t, PAGE * stride_t, stride_t, PAGE, HEAD_DIM, BLOCK_D, True)
+        m_i, l_i, acc = softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, True,
+                                     PRECISION)
+    out, lse = finish(m_i, l_i, acc)
+    if num_splits == 1:
+        tl.store(out_ptr + row_heads[:, None] * HEAD_DIM + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=qo_mask)
+        tl.store(lse_ptr + row_heads, lse, mask=h_mask)
+    else:
+        part = split.to(tl.int64) * num_rows * num_heads + row_heads
+        tl.store(o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=qo_mask)
+        tl.store(lse_part_ptr + part, lse, mask=h_mask)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the Triton interpreter on CPU: small, so tests still exercise splits
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs_per_sm(kernel: object, device: torch.device) -> int:
+    """Resident programs per SM of a compiled kernel, from its registers and shared memory
+    (what the CUDA occupancy calculator does); 2 where that can't be read (interpreter)."""
+    n_regs, metadata = getattr(kernel, "n_regs", None), getattr(kernel, "metadata", None)
+    if device.type != "cuda" or not n_regs or metadata is None:
+        return 2
+    props = torch.cuda.get_device_properties(device)
+    warps = metadata.num_warps
+    regs_per_warp = -(-n_regs * 32 // 256) * 256  # allocated per warp in units of 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    by_smem = smem // (metadata.shared + 1024)  # 1 KB per block is reserved
+    by_threads = props.max_threads_per_multi_processor // (32 * warps)
+    return max(1, min(by_regs, by_smem, by_threads))
+
+
+def split_tokens(max_kv: int, splits: int, block_n: int) -> int:
+    """Keys per split: whole tiles, so only a row's last tile needs masks."""
+    return -(-max(max_kv, 1) // (splits * block_n)) * block_n
+
+
+def num_splits(programs: int, max_kv: int, slots: int, config: DecodeConfig) -> int:
+    """Splits per (row, kv head). Reading the cache at full bandwidth takes about half the GPU's
+    resident program slots busy; a second, partial round of programs would run nearly as long as
+    a full one. So: one split when rows x kv_heads fill half the slots, else as many as fit in
+    one round."""
+    max_splits = max(1, -(-max_kv // config.min_split_tokens))
+    if config.splits is not None:
+        return max(1, min(config.splits, max_splits))
+    if 2 * programs >= slots:
+        return 1
+    return max(1, min(max_splits, slots // programs))
+
+
+def decode_attention(
+    q: Tensor,  # [num_rows, num_heads, head_dim]: one query per row
+    k_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    v_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    batch: PagedBatch,
+    scale: float,
+    config: DecodeConfig | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Decode partial attention; same contract as `reference.paged_attention`."""
+    num_rows, num_heads, head_dim = q.shape
+    _, page, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if config is None:
+        config = DecodeConfig(block_n=32) if k_cache.element_size() == 4 else DecodeConfig()
+    q = q.contiguous()
+    out = torch.empty(num_rows, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(num_rows, num_heads, dtype=torch.float32, device=q.device)
+    if num_rows == 0:
+        return out, lse
+    max_kv = max(batch.kv_lens_host)
+    key = (q.device, k_cache.dtype, q.dtype, group, head_dim, page, config)
+    slots = _sm_count(q.device) * _PROGRAMS_PER_SM.get(key, 2)
+    per_split = split_tokens(
+        max_kv, num_splits(num_rows * num_kv_heads, max_kv, slots, config), config.block_n)
+    splits = max(1, -(-max_kv // per_split))
+    if splits == 1:
+        o_part, lse_part = out, lse  # placeholders, never touched
+    else:
+        o_part = q.new_empty(splits, num_rows, num_heads, head_dim, dtype=torch.float32)
+        lse_part = q.new_empty(splits, num_rows, num_heads, dtype=torch.float32)
+    kernel = _decode_kernel[(num_rows, num_kv_heads, splits)](
+        q, k_cache, v_cache, batch.block_tables, batch.kv_starts, batch.kv_lens,
+        batch.q_positions, out, lse, o_part, lse_part, scale * LOG2E, num_rows,
+        batch.block_tables.stride(0), per_split, splits,
+        GROUP=group, BLOCK_H=max(16, next_pow2(group)), NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_N=config.block_n,
+        PAGE=page, PRECISION=dot_precision(k_cache.element_size()),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if splits > 1:
+        if key not in _PROGRAMS_PER_SM:  # the variant that splitting sizes
+            _PROGRAMS_PER_SM[key] = _programs_per_sm(kernel, q.device)
+        merge_into(o_part, lse_part, out, lse)
+    return out, lse
