@@ -8,6 +8,7 @@ rank 0's own instance and gathers every instance's report, folding deltas into c
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import logging
@@ -68,6 +69,8 @@ class LLMEngine:
         self._migrations: list[Migration] = []
         self._ids = itertools.count()
         self._failure: Exception | None = None
+        if self.cluster is not None:
+            atexit.register(self.shutdown)
 
     # ---- cluster ----------------------------------------------------------------------------
 

@@ -82,6 +82,16 @@ class LLM:
         """Per instance: total / free / own / lent / borrowed KV blocks."""
         return self.engine.kv_stats()
 
+    def shutdown(self) -> None:
+        """Stop the worker processes of a multi-instance engine (also done at exit)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
