@@ -39,7 +39,7 @@ def reference(llama_path: Path) -> dict[str, list[int]]:
 
 
 def _cluster(path: Path, n: int, **options) -> Iterator[LLM]:
-    llm = LLM(str(path), num_instances=n, block_size=4, worker_timeout_s=20, **options)
+    llm = LLM(str(path), num_instances=n, block_size=4, worker_timeout_s=120, **options)
     try:
         yield llm
     finally:
@@ -109,7 +109,7 @@ def test_static_mode_rejects_what_pooled_serves(llama_path: Path, reference) -> 
 
 def test_killed_worker_fails_the_driver_quickly(llama_path: Path) -> None:
     llm = LLM(str(llama_path), num_instances=2, block_size=4, num_kv_blocks=16,
-              worker_timeout_s=10)
+              worker_timeout_s=30)
     try:
         engine = llm.engine
         for prompt in SHORT:
@@ -120,7 +120,7 @@ def test_killed_worker_fails_the_driver_quickly(llama_path: Path) -> None:
         with pytest.raises(WorkerError, match="stopped answering"):
             while True:
                 engine.step()
-        assert time.monotonic() - start < 15
+        assert time.monotonic() - start < 40
     finally:
         llm.engine.shutdown()
 

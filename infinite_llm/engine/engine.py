@@ -49,11 +49,18 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.workers: list[subprocess.Popen] = []
-        self.cluster = self._start_cluster(config)
-        self.instance = build_instance(config, 0, self.cluster)
+        self._failure: Exception | None = None
+        try:
+            self.cluster = self._start_cluster(config)
+            self.instance = build_instance(config, 0, self.cluster)
+            self.heartbeats: list[Heartbeat] = self._collect([self.instance.heartbeat()])
+        except BaseException:  # leave no worker or process group behind
+            self._kill_workers()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            raise
         self.model_config = self.instance.model.config
         self.tokenizer = self.instance.tokenizer
-        self.heartbeats: list[Heartbeat] = self._collect([self.instance.heartbeat()])
         pooled = config.kv_mode == "pooled"
         capacity = [h.total_blocks * config.block_size for h in self.heartbeats]
         self.max_model_len = self._max_model_len(sum(capacity) if pooled else min(capacity))
@@ -68,7 +75,6 @@ class LLMEngine:
         self._owners: dict[str, int] = {}
         self._migrations: list[Migration] = []
         self._ids = itertools.count()
-        self._failure: Exception | None = None
         if self.cluster is not None:
             atexit.register(self.shutdown)
 

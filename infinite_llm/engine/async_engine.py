@@ -1,0 +1,326 @@
+"""AsyncLLMEngine: one thread steps the engine, each request reads its own asyncio stream.
+
+The engine is synchronous and not thread-safe, and a step is torch compute that may take tens of
+milliseconds. So exactly one thread (the engine thread) calls the `LLMEngine`; the event loop
+never does. The loop sends it commands (add, abort) through a queue and gets back, once per
+step, a `StreamDelta` for every request that changed, delivered with `call_soon_threadsafe`.
+The event loop stays free to accept connections and write SSE while torch computes (torch
+releases the GIL inside its ops).
+
+Invariants:
+- every accepted request ends with exactly one delta whose `finish_reason` is set, or with an
+  exception (the engine failed), unless its consumer closed the stream first;
+- a stream closed before its end aborts its request, so its KV blocks are freed at once;
+- deltas are copies: the engine's cumulative `RequestOutput`s, which the engine thread keeps
+  mutating, never cross to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from infinite_llm.engine.engine import LLMEngine
+from infinite_llm.engine.output import Logprobs, RequestOutput
+from infinite_llm.metrics import EngineMetrics
+from infinite_llm.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting for their first token; retry later (HTTP 503)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed and stopped; no request can be served (HTTP 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamDelta:
+    """What one step added to one request, as seen by its consumer."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[Logprobs, ...]  # one per token when the request asked for logprobs
+    finish_reason: str | None  # "stop", "length" or "abort" on the last delta
+    num_prompt_tokens: int
+
+
+class RequestStream:
+    """The consumer's side of one request: `async for delta in stream`, then `close()`."""
+
+    def __init__(self, request_id: str, engine: AsyncLLMEngine) -> None:
+        self.request_id = request_id
+        self.started = False  # has produced a token (or ended)
+        self.finished = False
+        self._engine = engine
+        self._queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
+
+    def __aiter__(self) -> AsyncIterator[StreamDelta]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[StreamDelta]:
+        while not self.finished:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            self.finished = item.finish_reason is not None
+            yield item
+
+    def close(self) -> None:
+        """Abort the request unless it has ended; safe to call more than once and from a
+        `finally` during cancellation (it only queues a command)."""
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """Engine-thread bookkeeping for one accepted request."""
+
+    stream: RequestStream
+    arrival: float
+    first_token: float | None = None
+    num_tokens: int = 0
+    num_chars: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Add:
+    stream: RequestStream
+    prompt: str | list[int]
+    params: SamplingParams
+    arrival: float
+    accepted: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncLLMEngine:
+    """Serve an `LLMEngine` to asyncio code; `start()` inside the running event loop."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        metrics: EngineMetrics | None = None,
+        max_waiting: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics or EngineMetrics()
+        self.max_waiting = max_waiting
+        self.max_model_len: int = engine.max_model_len
+        self.model_config = engine.model_config
+        self.error: BaseException | None = None  # why the engine thread died, if it did
+        self._commands: deque[_Add | _Abort] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._closed = False  # set by the engine thread as it stops; guarded by _cond
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._num_unstarted = 0  # event loop only: accepted (or being added), no token yet
+
+    # ---- event loop side -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._observe()  # before the thread exists: /metrics shows the pool from the start
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Abort every request and stop the engine thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_unstarted(self) -> int:
+        return self._num_unstarted
+
+    async def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it. Raises what
+        `LLMEngine.add_request` raises (`RequestError`, `SamplingParamsError`), `QueueFullError`
+        when `max_waiting` requests already wait, `EngineDeadError` when the engine is gone."""
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine is not running ({self.error or 'stopped'})")
+        if self.max_waiting is not None and self._num_unstarted >= self.max_waiting:
+            raise QueueFullError(
+                f"{self._num_unstarted} requests are waiting (the limit is {self.max_waiting})"
+            )
+        stream = RequestStream(request_id, self)
+        command = _Add(stream, prompt, params, time.monotonic())
+        self._num_unstarted += 1
+        self._send(command)
+        try:
+            await asyncio.wrap_future(command.accepted)
+        except BaseException as e:
+            stream.started = True  # counted out here, so its deliveries must not count it again
+            self._num_unstarted -= 1
+            if isinstance(e, asyncio.CancelledError):  # the client left while we waited
+                self.abort(request_id)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; unknown or finished ids are ignored."""
+        self._send(_Abort(request_id))
+
+    def _send(self, command: _Add | _Abort) -> None:
+        with self._cond:
+            if self._closed:  # the engine thread has stopped: nobody would ever answer
+                if isinstance(command, _Add):
+                    command.accepted.set_exception(EngineDeadError("the engine has stopped"))
+                return
+            self._commands.append(command)
+            self._cond.notify()
+
+    def _deliver(self, items: Sequence[tuple[RequestStream, StreamDelta | BaseException]]) -> None:
+        """Runs on the event loop: hand each delta to its stream."""
+        for stream, item in items:
+            if not stream.started and (
+                isinstance(item, BaseException) or item.token_ids or item.finish_reason
+            ):
+                stream.started = True
+                self._num_unstarted -= 1
+            stream._queue.put_nowait(item)
+
+    # ---- engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while (commands := self._next_commands()) is not None:
+                for command in commands:
+                    self._apply(command)
+                if self.engine.has_unfinished_requests():
+                    self._publish(self.engine.step())
+                self._observe()
+        except BaseException as e:  # a bug in a step: fail every request, stop serving
+            logger.exception("the engine thread failed; no more requests will be served")
+            self.error = e
+            self._post([(t.stream, EngineDeadError(f"the engine failed: {e!r}"))
+                        for t in self._tracked.values()])
+            for request_id in self._tracked:  # best effort: give their blocks back
+                with contextlib.suppress(Exception):
+                    self.engine.abort_request(request_id)
+            self._tracked.clear()
+            self._fail_pending(e)
+            with contextlib.suppress(Exception):
+                self._observe()
+            return
+        self._stop()
+
+    def _next_commands(self) -> list[_Add | _Abort] | None:
+        """Wait until there is a command or work; None when the engine should stop."""
+        with self._cond:
+            while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):
+                self._cond.wait()
+            if self._stopping:
+                return None
+            commands = list(self._commands)
+            self._commands.clear()
+            return commands
+
+    def _apply(self, command: _Add | _Abort) -> None:
+        if isinstance(command, _Abort):
+            tracked = self._tracked.pop(command.request_id, None)
+            if tracked is not None:
+                self.engine.abort_request(command.request_id)
+                self._end(tracked, "abort")
+            return
+        request_id = command.stream.request_id
+        try:
+            self.engine.add_request(command.prompt, command.params, request_id)
+        except Exception as e:  # bad input: the caller answers 400
+            command.accepted.set_exception(e)
+            return
+        self._tracked[request_id] = _Tracked(command.stream, command.arrival)
+        command.accepted.set_result(None)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        items: list[tuple[RequestStream, StreamDelta | BaseException]] = []
+        new_tokens = 0
+        for output in outputs:
+            tracked = self._tracked.get(output.request_id)
+            if tracked is None:  # aborted in this iteration; nobody listens
+                continue
+            out = output.outputs[0]
+            token_ids = tuple(out.token_ids[tracked.num_tokens :])
+            logprobs = tuple(out.logprobs[tracked.num_tokens :]) if out.logprobs else ()
+            text = out.text[tracked.num_chars :]
+            tracked.num_tokens, tracked.num_chars = len(out.token_ids), len(out.text)
+            new_tokens += len(token_ids)
+            if tracked.first_token is None and token_ids:
+                tracked.first_token = now
+                self.metrics.observe_first_token(now - tracked.arrival,
+                                                 len(output.prompt_token_ids))
+            finish = out.finish_reason if output.finished else None
+            items.append((tracked.stream, StreamDelta(
+                text, token_ids, logprobs, finish, len(output.prompt_token_ids))))
+            if output.finished:
+                del self._tracked[output.request_id]
+                self._end(tracked, finish or "stop", now)
+        self.metrics.observe_tokens(new_tokens)
+        self._post(items)
+
+    def _end(self, tracked: _Tracked, finish_reason: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        ttft = None if tracked.first_token is None else tracked.first_token - tracked.arrival
+        self.metrics.observe_finished(finish_reason, now - tracked.arrival, ttft,
+                                      tracked.num_tokens)
+        if finish_reason == "abort":  # the consumer has gone, but end its stream all the same
+            self._post([(tracked.stream, StreamDelta("", (), (), "abort", 0))])
+
+    def _observe(self) -> None:
+        waiting = sum(1 for t in self._tracked.values() if t.first_token is None)
+        self.metrics.observe_engine(self.engine.kv_stats(), self.engine.num_preemptions,
+                                    len(self._tracked) - waiting, waiting)
+
+    def _post(self, items: list[tuple[RequestStream, Any]]) -> None:
+        if not items or self._loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is left to read
+            self._loop.call_soon_threadsafe(self._deliver, items)
+
+    def _stop(self) -> None:
+        """Shutdown: abort what is in flight, refuse what is still queued."""
+        for request_id in list(self._tracked):
+            self.engine.abort_request(request_id)
+            self._end(self._tracked.pop(request_id), "abort")
+        self._fail_pending(EngineDeadError("the server is shutting down"))
+        self._observe()
+        self.engine.shutdown()  # a multi-instance engine stops its workers
+
+    def _fail_pending(self, error: BaseException) -> None:
+        """Refuse what is queued, and (`_closed`) whatever is sent from now on."""
+        with self._cond:
+            self._closed = True
+            pending, self._commands = list(self._commands), deque()
+        for command in pending:
+            if isinstance(command, _Add) and not command.accepted.done():
+                command.accepted.set_exception(
+                    error if isinstance(error, EngineDeadError) else EngineDeadError(repr(error))
+                )

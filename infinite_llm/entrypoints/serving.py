@@ -1,0 +1,318 @@
+"""Completions and chat completions over the async engine, in OpenAI's response shapes.
+
+One flow for both endpoints (validate -> add -> stream or collect); what differs is the shape of
+a chunk, of the final body and of logprobs, which `CompletionFormat` and `ChatFormat` hold.
+Streams are SSE (`data: {json}` ... `data: [DONE]`), one chunk per engine step that produced a
+token (its text may be empty while the detokenizer holds back a possible stop string), so a
+client sees every token's timing. Whoever leaves first, the client or the request, the request
+is closed in a `finally`: a client gone mid-stream aborts its request and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import jinja2
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from infinite_llm.engine.async_engine import (
+    AsyncLLMEngine,
+    EngineDeadError,
+    QueueFullError,
+    RequestStream,
+    StreamDelta,
+)
+from infinite_llm.engine.engine import RequestError
+from infinite_llm.engine.output import Logprobs
+from infinite_llm.entrypoints.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    bad_request,
+)
+from infinite_llm.sampling import SamplingParams, SamplingParamsError
+
+T = TypeVar("T")
+RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
+
+
+@dataclass(slots=True)
+class _Collected:
+    """A whole answer, gathered from a stream."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+
+    def add(self, delta: StreamDelta) -> None:
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs)
+        self.finish_reason = delta.finish_reason
+        self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
+
+
+def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_output_tokens,
+            "total_tokens": num_prompt_tokens + num_output_tokens}
+
+
+class _Format:
+    """Response shapes of one endpoint; `logprobs=None` when the request did not ask."""
+
+    object_name = ""
+    chunk_object_name = ""
+    id_prefix = ""
+    prompt_param = ""  # the body field a RequestError (empty, too long...) is about
+
+    def __init__(self, tokenizer: Any, model: str, logprobs: int | None) -> None:
+        self.tokenizer, self.model, self.num_logprobs = tokenizer, model, logprobs
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+    def envelope(self, chunk: bool) -> dict[str, Any]:
+        return {"id": self.id, "object": self.chunk_object_name if chunk else self.object_name,
+                "created": self.created, "model": self.model}
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        return []
+
+    def chunk(self, delta: StreamDelta) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def final(self, out: _Collected) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class CompletionFormat(_Format):
+    object_name = chunk_object_name = "text_completion"
+    id_prefix = "cmpl"
+    prompt_param = "prompt"
+
+    def __init__(self, tokenizer: Any, model: str, logprobs: int | None) -> None:
+        super().__init__(tokenizer, model, logprobs)
+        self.text_offset = 0
+
+    def _logprobs(self, token_ids: tuple[int, ...] | list[int],
+                  logprobs: tuple[Logprobs, ...] | list[Logprobs]) -> dict[str, Any] | None:
+        """The legacy shape: parallel lists; top_logprobs holds the top-n and the sampled
+        token (so up to n + 1 entries), as OpenAI documents."""
+        if self.num_logprobs is None:
+            return None
+        tokens = [self.token_text(t) for t in token_ids]
+        offsets = []
+        for text in tokens:
+            offsets.append(self.text_offset)
+            self.text_offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp[t] for t, lp in zip(token_ids, logprobs)],
+            "top_logprobs": [{self.token_text(k): v for k, v in lp.items()} for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def chunk(self, delta: StreamDelta) -> dict[str, Any]:
+        choice = {"index": 0, "text": delta.text,
+                  "logprobs": self._logprobs(delta.token_ids, delta.logprobs),
+                  "finish_reason": delta.finish_reason}
+        return {**self.envelope(True), "choices": [choice]}
+
+    def final(self, out: _Collected) -> dict[str, Any]:
+        choice = {"index": 0, "text": out.text,
+                  "logprobs": self._logprobs(out.token_ids, out.logprobs),
+                  "finish_reason": out.finish_reason}
+        return {**self.envelope(False), "choices": [choice],
+                "usage": usage(out.num_prompt_tokens, len(out.token_ids))}
+
+
+class ChatFormat(_Format):
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+    prompt_param = "messages"
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def _logprobs(self, token_ids: tuple[int, ...] | list[int],
+                  logprobs: tuple[Logprobs, ...] | list[Logprobs]) -> dict[str, Any] | None:
+        if self.num_logprobs is None:
+            return None
+        content = []
+        for token_id, lp in zip(token_ids, logprobs):
+            top = sorted(lp.items(), key=lambda kv: -kv[1])[: self.num_logprobs]
+            content.append({**self._entry(token_id, lp[token_id]),
+                            "top_logprobs": [self._entry(t, v) for t, v in top]})
+        return {"content": content}
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None}
+        return [{**self.envelope(True), "choices": [choice]}]
+
+    def chunk(self, delta: StreamDelta) -> dict[str, Any]:
+        choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
+                  "logprobs": self._logprobs(delta.token_ids, delta.logprobs),
+                  "finish_reason": delta.finish_reason}
+        return {**self.envelope(True), "choices": [choice]}
+
+    def final(self, out: _Collected) -> dict[str, Any]:
+        choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
+                  "logprobs": self._logprobs(out.token_ids, out.logprobs),
+                  "finish_reason": out.finish_reason}
+        return {**self.envelope(False), "choices": [choice],
+                "usage": usage(out.num_prompt_tokens, len(out.token_ids))}
+
+
+class OpenAIServing:
+    """The two generation endpoints. `tokenizer` is the event loop's own copy (the engine
+    thread uses the engine's; a Rust tokenizer must not be shared across threads)."""
+
+    def __init__(self, engine: AsyncLLMEngine, tokenizer: Any, model_name: str) -> None:
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+
+    async def completion(self, body: CompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        params = _sampling_params(body.sampling_params)
+        fmt = CompletionFormat(self.tokenizer, self.model_name, params.logprobs)
+        return await self._generate(fmt, body.single_prompt(), params, body, request)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        params = _sampling_params(body.sampling_params)
+        fmt = ChatFormat(self.tokenizer, self.model_name, params.logprobs)
+        return await self._generate(fmt, self._chat_prompt(body), params, body, request)
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(400, f"the model {model!r} does not exist; this server serves "
+                           f"{self.model_name!r}", "model", "model_not_found")
+
+    def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise bad_request("this model has no chat template; use /v1/completions")
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                [m.for_template() for m in body.messages], add_generation_prompt=True,
+                tokenize=True, return_dict=False,
+            )
+        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
+        return list(ids)
+
+    async def _generate(
+        self,
+        fmt: _Format,
+        prompt: str | list[int],
+        params: SamplingParams,
+        body: CompletionRequest | ChatCompletionRequest,
+        request: Request,
+    ) -> Response:
+        stream = await self._add(fmt, prompt, params)
+        if body.stream:  # `background` closes a stream whose generator never started
+            return StreamingResponse(self._sse(fmt, stream, body.include_usage),
+                                     media_type="text/event-stream",
+                                     background=BackgroundTask(stream.close))
+        out = _Collected()
+        try:
+            gathered = await _unless_disconnected(request, _collect(stream, out))
+        except EngineDeadError as e:
+            raise APIError(503, str(e), code="engine_dead") from e
+        finally:
+            stream.close()
+        if not gathered:
+            return Response(status_code=499)  # nobody is there to read it
+        return JSONResponse(fmt.final(out))
+
+    async def _add(self, fmt: _Format, prompt: str | list[int],
+                   params: SamplingParams) -> RequestStream:
+        try:
+            return await self.engine.add_request(fmt.id, prompt, params)
+        except (RequestError, SamplingParamsError) as e:
+            param = fmt.prompt_param if isinstance(e, RequestError) else None
+            raise bad_request(str(e), param) from e
+        except QueueFullError as e:
+            raise APIError(503, f"the server is busy: {e}; retry later", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from e
+        except EngineDeadError as e:
+            raise APIError(503, str(e), code="engine_dead") from e
+
+    async def _sse(self, fmt: _Format, stream: RequestStream,
+                   include_usage: bool) -> AsyncIterator[str]:
+        num_prompt, num_output = 0, 0
+        try:
+            for chunk in fmt.opening_chunks():
+                yield _event(chunk, include_usage)
+            async for delta in stream:
+                num_prompt = delta.num_prompt_tokens or num_prompt
+                num_output += len(delta.token_ids)
+                if delta.token_ids or delta.text or delta.finish_reason:
+                    yield _event(fmt.chunk(delta), include_usage)
+            if include_usage:
+                yield _event({**fmt.envelope(True), "choices": [],
+                              "usage": usage(num_prompt, num_output)}, False)
+        except EngineDeadError as e:
+            yield _event(APIError(503, str(e), code="engine_dead").body(), False)
+        finally:
+            stream.close()  # a client gone mid-stream lands here (cancelled): abort
+        yield "data: [DONE]\n\n"
+
+
+def _sampling_params(make: Any) -> SamplingParams:
+    try:
+        return make()
+    except SamplingParamsError as e:  # its messages start with the parameter's name
+        message = str(e)
+        raise bad_request(message, message.split(" ", 1)[0]) from e
+
+
+def _event(chunk: dict[str, Any], include_usage: bool) -> str:
+    if include_usage:  # OpenAI sends `usage: null` on every chunk but the last when asked
+        chunk = {**chunk, "usage": None}
+    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+
+async def _collect(stream: RequestStream, out: _Collected) -> None:
+    async for delta in stream:
+        out.add(delta)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> bool:
+    """Run `work` unless the client disconnects first; True when it ran to its end.
+
+    A non-streaming client that gives up would otherwise keep its request generating (and its
+    blocks held) until it finished; Starlette only watches disconnects while streaming.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        task.result()  # re-raise what the work raised
+        return True
+    return False
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
