@@ -167,7 +167,7 @@ def test_calibration_file_is_complete_and_strict(tmp_path: Path) -> None:
 
 def test_cli_prints_a_table_and_writes_a_plot(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("matplotlib")  # the `sim` extra
+    pytest.importorskip("matplotlib")
     sim_main(["--instances", "2", "4", "--trace", str(CHECKED_IN), "--trace-instances", "2",
               "--plots", str(tmp_path)])
     out = capsys.readouterr().out
