@@ -12,13 +12,13 @@ from infinite_llm.sampling import SamplingParams
 
 @dataclass(frozen=True, slots=True)
 class AssignedRequest:
-    """A validated new request and the instance that will own it."""
+    """A validated new request and the instance that will own it (None until placed)."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     max_tokens: int
-    owner: int
+    owner: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

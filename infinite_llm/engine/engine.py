@@ -68,7 +68,7 @@ class LLMEngine:
             block_size=config.block_size, efficient_batch_tokens=config.max_num_batched_tokens,
             pooling=pooled))
         self.outputs: dict[str, RequestOutput] = {}
-        self._pending: list[AssignedRequest] = []  # owner decided by the next plan
+        self._pending: list[AssignedRequest] = []  # placed by the next plan
         self._aborts: list[str] = []
         self._notices: list[CreditorNotice] = []
         self._preemptions = [0] * len(self.heartbeats)
@@ -194,7 +194,7 @@ class LLMEngine:
             request_id, prompt if isinstance(prompt, str) else None, ids,
             [CompletionOutput(0, "", [], None, [] if params.logprobs is not None else None)],
         )
-        self._pending.append(AssignedRequest(request_id, tuple(ids), params, max_tokens, 0))
+        self._pending.append(AssignedRequest(request_id, tuple(ids), params, max_tokens))
         return request_id
 
     def abort_request(self, request_id: str) -> None:
