@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.device == "cpu":  # one core per rank in every run (ranks > 1 set this themselves)
+        torch.set_num_threads(1)
     print(f"hardware: {hardware(args.device)}; torch {torch.__version__}; model "
           f"SmolLM2-135M-Instruct; context {args.context}; batch 1; {args.steps} decode steps")
     # SmolLM2: 9 query heads, 3 KV heads, head_dim 64, float32 on CPU.

@@ -112,6 +112,7 @@ class ModelConfig:
         )
 
 
+LOAD_FORMATS = ("auto", "dummy")  # read the safetensors; or seeded random weights
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -124,6 +125,8 @@ class EngineConfig:
     answer within `worker_timeout_s` fails the engine with an error instead of a hang.
     `num_kv_blocks` is per instance; when None the pool takes `kv_cache_fraction` of the device's
     memory (GPU: 0.9 of the memory free after the weights; CPU: 0.02 of the machine's RAM).
+    `load_format` "dummy" fills the weights with seeded random values instead of reading them, so
+    the model folder needs only config.json (benchmarks; vLLM's `load_format="dummy"`).
     """
 
     model: str | None = None
@@ -139,6 +142,7 @@ class EngineConfig:
     num_instances: int = 1
     kv_mode: str = "pooled"
     worker_timeout_s: float = 300.0
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -163,6 +167,9 @@ class EngineConfig:
             raise ConfigError(f"kv_mode must be 'pooled' or 'static', got {self.kv_mode!r}")
         if not self.worker_timeout_s > 0:
             raise ConfigError("worker_timeout_s must be > 0")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(
+                f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 

@@ -167,3 +167,12 @@ def test_bad_input_raises_typed_errors_and_leaks_nothing(llama_path: Path, tmp_p
     # A prompt that fits but whose output would not: generation stops at the pool's limit.
     out = llm.generate([list(range(10, 30))], GREEDY, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 12 and out.finish_reason == "length" and _all_free(llm)
+
+
+def test_dummy_weights_engine_runs_from_config_json_alone(llama_path: Path, tmp_path) -> None:
+    (tmp_path / "config.json").write_text((llama_path / "config.json").read_text())
+    llm = LLM(str(tmp_path), load_format="dummy", num_kv_blocks=16, block_size=4)
+    out = llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == NEW_TOKENS and _all_free(llm)
+    with pytest.raises(ConfigError, match="load_format"):
+        LLM(str(tmp_path), load_format="random")

@@ -174,6 +174,20 @@ def test_missing_and_unexpected_tensors_are_named(tiny_checkpoint, tmp_path: Pat
         load_model(path, torch.float32, CPU)
 
 
+def test_dummy_load_format_needs_only_config_json(tiny_checkpoint, tmp_path: Path) -> None:
+    shutil.copy(tiny_checkpoint("qwen2") / "config.json", tmp_path / "config.json")
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(load_model(tmp_path, torch.float32, CPU, "dummy"))
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        assert torch.isfinite(p).all() and torch.equal(p, q), name  # seeded, every one written
+        if name.endswith("bias"):
+            assert not p.any(), name
+    with pytest.raises(ModelNotFoundError, match=re.escape("no *.safetensors")):
+        load_model(tmp_path, torch.float32, CPU)
+
+
 def test_tokenizer_is_none_without_tokenizer_files(tiny_checkpoint, tmp_path: Path) -> None:
     src = tiny_checkpoint("qwen2")
     for name in ("config.json", "model.safetensors"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -53,12 +54,12 @@ class _Rows:
     def batch(self, device: torch.device) -> PagedBatch:
         width = max([len(t) for t in self.tables] + [1])
         return PagedBatch(
-            cu_q_lens=torch.tensor([0, *self.q_lens], device=device).cumsum(0),
-            q_positions=torch.tensor(self.positions, dtype=torch.long, device=device),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in self.tables],
-                                      dtype=torch.int32, device=device).view(-1, width),
-            kv_starts=torch.tensor(self.kv_starts, dtype=torch.long, device=device),
-            kv_lens=torch.tensor(self.kv_lens, dtype=torch.long, device=device),
+            cu_q_lens=to_device(list(accumulate(self.q_lens, initial=0)), torch.long, device),
+            q_positions=to_device(self.positions, torch.long, device),
+            block_tables=to_device([t + [0] * (width - len(t)) for t in self.tables],
+                                   torch.int32, device).view(-1, width),
+            kv_starts=to_device(self.kv_starts, torch.long, device),
+            kv_lens=to_device(self.kv_lens, torch.long, device),
             q_lens=self.q_lens,
             kv_lens_host=self.kv_lens,
         )
@@ -105,7 +106,7 @@ class DistAttention:
             offset += n
         self._num_tokens = offset
         self._local = local.batch(device)
-        self._slots = torch.tensor(local.slots, dtype=torch.long, device=device)
+        self._slots = to_device(local.slots, torch.long, device)
         self._kv_index = _index_or_none(kv_index, offset, device)
         self._local_q = _index_or_none(local_q, offset, device)
         self.exchange = False
@@ -136,8 +137,8 @@ class DistAttention:
             for t in tokens:
                 slots.append(seen[t])
                 seen[t] += 1
-            self._slots_of.append((torch.tensor(slots, dtype=torch.long, device=device),
-                                   torch.tensor(tokens, dtype=torch.long, device=device)))
+            self._slots_of.append((to_device(slots, torch.long, device),
+                                   to_device(tokens, torch.long, device)))
         self._num_slots = max(seen.values(), default=1)
 
     def _plan_exchange(self, summaries: list[ExchangeSummary], q_out: dict[int, list[int]],
@@ -159,12 +160,10 @@ class DistAttention:
                 self._in_q[owner] += row.num_q
                 self._in_kv[owner] += row.kv_hi - row.kv_lo
         self._hosted = hosted.batch(device)
-        self._hosted_slots = torch.tensor(hosted.slots, dtype=torch.long, device=device)
+        self._hosted_slots = to_device(hosted.slots, torch.long, device)
         world = len(summaries)
-        self._q_out = [torch.tensor(q_out.get(j, []), dtype=torch.long, device=device)
-                       for j in range(world)]
-        self._kv_out = [torch.tensor(kv_out.get(j, []), dtype=torch.long, device=device)
-                        for j in range(world)]
+        self._q_out = [to_device(q_out.get(j, []), torch.long, device) for j in range(world)]
+        self._kv_out = [to_device(kv_out.get(j, []), torch.long, device) for j in range(world)]
         self._send = [(len(q_out.get(j, ())) * heads + 2 * len(kv_out.get(j, ())) * kv_heads)
                       * dim for j in range(world)]
         self._recv = [(self._in_q[o] * heads + 2 * self._in_kv[o] * kv_heads) * dim
@@ -229,4 +228,11 @@ def _index_or_none(index: list[int], n: int, device: torch.device) -> Tensor | N
     """The index as a tensor, or None when it is simply 0..n-1 (no gather needed)."""
     if index == list(range(n)):
         return None
-    return torch.tensor(index, dtype=torch.long, device=device)
+    return to_device(index, torch.long, device)
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host list as a tensor on `device`, queued behind the work in flight. `torch.tensor(values,
+    device="cuda")` would first wait for the GPU to drain (a blocking copy); a non-blocking copy
+    from pageable memory is staged by the driver before it returns, so the list may go at once."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

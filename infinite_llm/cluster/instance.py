@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from infinite_llm.attention.dist import DistAttention
+from infinite_llm.attention.dist import DistAttention, to_device
 from infinite_llm.cluster.comm import Cluster
 from infinite_llm.cluster.gmanager import Heartbeat
 from infinite_llm.cluster.messages import CreditorNotice, StepPlan, StepReport
@@ -129,7 +129,7 @@ class Instance:
         done = [r for r in batch.requests if r.num_uncomputed_tokens == 0]
         if not done:
             return []
-        rows = torch.tensor([last_token_rows[r.request_id] for r in done], device=self.device)
+        rows = to_device([last_token_rows[r.request_id] for r in done], torch.long, self.device)
         logits = self.model.compute_logits(hidden[rows])
         result = self.sampler(logits, [r.params for r in done], [r.generator for r in done])
         return [
@@ -148,8 +148,8 @@ class Instance:
             ids.extend(request.token_ids[lo : lo + n])
             positions.extend(range(lo, lo + n))
             last_row[request.request_id] = len(ids) - 1
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        input_ids = to_device(ids, torch.long, self.device)
+        pos = to_device(positions, torch.long, self.device)
         hidden = self.model(input_ids, pos, self.attention)
         for request, n in zip(batch.requests, batch.num_tokens):
             request.num_computed_tokens += n
@@ -188,7 +188,7 @@ def build_instance(config: EngineConfig, rank: int, cluster: Cluster | None) -> 
     torch.manual_seed(config.seed)
     if cluster is not None and device.type == "cpu":  # ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cluster.world_size))
-    model = load_model(path, dtype, device)
+    model = load_model(path, dtype, device, config.load_format)
     tokenizer = load_tokenizer(path)
     mc, bs = model.config, config.block_size
     num_blocks = config.num_kv_blocks

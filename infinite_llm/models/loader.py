@@ -141,11 +141,16 @@ def load_model_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf(json.loads(config_file.read_text()))
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """Build the model from config.json and fill every parameter from the safetensors files."""
+def load_model(path: Path, dtype: torch.dtype, device: torch.device,
+               load_format: str = "auto") -> LlamaForCausalLM:
+    """Build the model from config.json and fill every parameter from the safetensors files,
+    or with random values for `load_format="dummy"` (see `fill_random`)."""
     path = Path(path)
     config = load_model_config(path)
     model = LlamaForCausalLM(config, dtype, device)
+    if load_format == "dummy":
+        fill_random(model)
+        return model
     params = dict(model.named_parameters())
     pending = {hf for name in params for hf in _hf_names(name)}
     with torch.no_grad():
@@ -168,6 +173,20 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> LlamaFor
     if pending:
         raise CheckpointError(f"{len(pending)} tensors missing from {path}: {sorted(pending)[:5]}")
     return model
+
+
+def fill_random(model: LlamaForCausalLM, std: float = 0.02) -> None:
+    """Random weights from torch's global RNG, on the model's device: matrices ~ N(0, std), norm
+    weights 1, biases 0, so activations stay finite over any depth. For benchmarks: the speed of a
+    model of this shape without its checkpoint."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, std)
+            elif "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.zero_()
 
 
 def _weight_files(path: Path) -> list[Path]:
