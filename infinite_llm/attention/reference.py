@@ -89,38 +89,57 @@ def paged_attention(
 def _gather_rows(
     k_cache: Tensor, v_cache: Tensor, batch: PagedBatch, rows: range | list[int]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Keys/values of the given rows as [rows, kv_heads, 1, L, d], their positions and validity."""
+    """Keys/values of the given rows as [rows, kv_heads, L, d], their positions and validity.
+
+    `index_select` rather than advanced indexing: on a busy CPU the latter's parallel loop can
+    wait a scheduler time slice for each call, even for a few blocks.
+    """
     num_blocks = max(1, -(-max(batch.kv_lens_host[r] for r in rows) // k_cache.shape[1]))
-    table = batch.block_tables[list(rows), :num_blocks].long()
-    n, block_size = table.shape[0], k_cache.shape[1]
-    length = num_blocks * block_size
-    keys = k_cache[table].view(n, length, *k_cache.shape[2:]).permute(0, 2, 1, 3)[:, :, None]
-    values = v_cache[table].view(n, length, *v_cache.shape[2:]).permute(0, 2, 1, 3)[:, :, None]
+    rows = list(rows)
+    table = batch.block_tables[rows, :num_blocks].reshape(-1).long()
+    n, length = len(rows), num_blocks * k_cache.shape[1]
+    keys = k_cache.index_select(0, table).view(n, length, *k_cache.shape[2:]).transpose(1, 2)
+    values = v_cache.index_select(0, table).view(n, length, *v_cache.shape[2:]).transpose(1, 2)
     offsets = torch.arange(length, device=k_cache.device)
-    k_pos = batch.kv_starts[list(rows), None] + offsets
-    k_valid = offsets < batch.kv_lens[list(rows), None]
+    k_pos = batch.kv_starts[rows, None] + offsets
+    k_valid = offsets < batch.kv_lens[rows, None]
     return keys, values, k_pos, k_valid
 
 
 def _attend(
     q: Tensor,  # [B, kv_heads, group, Q, d]
-    k: Tensor,  # [B, kv_heads, 1, L, d]
-    v: Tensor,  # [B, kv_heads, 1, L, d]
+    k: Tensor,  # [B, kv_heads, L, d]
+    v: Tensor,  # [B, kv_heads, L, d]
     q_pos: Tensor,  # [B, Q]
     k_pos: Tensor,  # [B, L]
     k_valid: Tensor,  # [B, L]
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """Masked softmax attention in float32.
+    """Masked softmax attention in float32, one bmm per product over (row, kv head).
 
     Returns out [B, kv_heads, group, Q, d] and lse [B, kv_heads, group, Q].
     """
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    b, kv_heads, group, num_q, dim = q.shape
+    length = k.shape[2]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    if num_q == 1:
+        # Decode: elementwise products and sums. CPU bmm splits even tiny batches over threads,
+        # and on a busy CPU each such split can wait a whole scheduler time slice.
+        scores = (qf * kf[:, :, None]).sum(-1, keepdim=True).transpose(-1, -2)
+    else:
+        scores = torch.bmm(qf.reshape(b * kv_heads, group * num_q, dim),
+                           kf.reshape(b * kv_heads, length, dim).transpose(1, 2))
+    scores = scores.view(b, kv_heads, group, num_q, length) * scale
     visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [B, Q, L]
     scores.masked_fill_(~visible[:, None, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    return torch.matmul(probs, v.float()), lse
+    if num_q == 1:
+        out = (probs.transpose(-1, -2) * vf[:, :, None]).sum(-2, keepdim=True)
+    else:
+        out = torch.bmm(probs.view(b * kv_heads, group * num_q, length),
+                        vf.reshape(b * kv_heads, length, dim))
+    return out.view(b, kv_heads, group, num_q, dim), lse
 
 
 def merge(
