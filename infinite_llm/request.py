@@ -107,5 +107,6 @@ class Request:
     def reset_for_recompute(self) -> None:
         """After preemption: the KV is gone and every token will be computed again."""
         self.num_computed_tokens = 0
+        self.num_stalled_steps = 0
         self.num_preemptions += 1
         self.status = RequestStatus.WAITING

@@ -7,6 +7,10 @@
 With `--trace`, the trace is sized for `--trace-instances` and tiled to each cluster size, so the
 load per instance stays the same; without it a trace is generated per size from `--per-instance`
 requests and `--rate-per-instance` arrivals per second per instance.
+
+`--lockstep` runs the cluster the way the engine does (`infinite_llm.sim.lockstep`: all instances
+step together, with the engine's scheduling rules and the calibration's per-step sync and shared
+cores); without it every instance steps at its own pace, as on one device each.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 from infinite_llm.sim import trace as tr
 from infinite_llm.sim.cluster import MODES, SimConfig, simulate
 from infinite_llm.sim.cost import DEFAULT_CALIBRATION, CostModel
+from infinite_llm.sim.lockstep import simulate_lockstep
 from infinite_llm.sim.report import metrics, plot, table
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-batched-tokens", type=int, default=256)
     p.add_argument("--max-seqs", type=int, default=32)
     p.add_argument("--plan-interval", type=float, default=0.02, help="seconds between plans")
+    p.add_argument("--lockstep", action="store_true",
+                   help="step all instances together with the engine's scheduler rules")
     p.add_argument("--plots", default="docs", help="folder for PNGs ('' for none)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -61,17 +68,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"host: {platform.machine()}, {os.cpu_count()} CPU cores, "
           f"Python {platform.python_version()}")
     print(f"calibration: {a.calibration} ({cost.hardware}; {cost.model}); "
-          f"efficient batch {cost.efficient_batch_tokens()} tokens")
+          f"efficient batch {cost.efficient_batch_tokens()} tokens"
+          + (f"; lockstep, sync {cost.sync_step_s * 1e3:.1f} ms per step" if a.lockstep else ""))
     print(f"instance: {a.blocks} blocks x {a.block_size} tokens, budget {a.max_batched_tokens} "
           f"tokens, {a.max_seqs} seqs; plan every {a.plan_interval * 1e3:.0f} ms")
+    engine_rules = {}
+    if a.lockstep:  # the gManager and stall limit as the engine sets them
+        from infinite_llm.engine.scheduler import MAX_STALLED_STEPS
+
+        engine_rules = dict(efficient_batch_tokens=a.max_batched_tokens, reserve_blocks=0,
+                            max_stall_steps=MAX_STALLED_STEPS)
     rows = []
     for n in a.instances:
         trace = _trace_for(a, n)
         for mode in a.modes:
             cfg = SimConfig(num_instances=n, mode=mode, blocks_per_instance=a.blocks,
                             block_size=a.block_size, max_batched_tokens=a.max_batched_tokens,
-                            max_num_seqs=a.max_seqs, plan_interval_s=a.plan_interval)
-            m = metrics(simulate(cfg, cost, trace))
+                            max_num_seqs=a.max_seqs, plan_interval_s=a.plan_interval,
+                            **engine_rules)
+            m = metrics((simulate_lockstep if a.lockstep else simulate)(cfg, cost, trace))
             logger.info("%d instances %s: %d requests in %.1f s wall", n, mode, m.requests,
                         m.wall_s)
             rows.append(m)
