@@ -12,8 +12,8 @@ run (device-to-device copy, bytes read + written). Weights read: every parameter
 table, plus one embedding row per sequence. KV read: each sequence's K and V in every layer, up to
 and including its new token. `GPU busy` is the kernel time of a step under the torch profiler;
 where it is well below the step's wall time, the GPU waits for the host to launch kernels.
-`--graph` adds the GPU time of the step's forward + logits + argmax replayed from a CUDA graph
-(what graphs would leave of a step); `--host-profile` lists one step's torch ops by host time.
+Plain decode steps replay CUDA graphs (the engine's default on CUDA); `--enforce-eager` runs them
+eagerly, to compare. `--host-profile` lists one step's torch ops by host time.
 
 Hugging Face: transformers' LlamaForCausalLM with the same weights, bf16, sdpa, `generate` (greedy,
 exactly n new tokens); its decode time per step = (time of 1 + n new tokens - time of 1) / n.
@@ -23,7 +23,7 @@ weights), chunked prefill of `--chunk` tokens per step, then `--longest-steps` t
 
     python -P benchmarks/decode_e2e.py [--batches 1,16,64,256] [--contexts 1K,8K,32K] [--steps 32]
                                        [--hf-batch 64] [--hf-context 1K] [--no-hf]
-                                       [--graph] [--host-profile]
+                                       [--enforce-eager] [--host-profile]
     python -P benchmarks/decode_e2e.py --longest [--kv-fraction 0.95] [--chunk 8192]
 """
 
@@ -145,54 +145,8 @@ def gpu_busy_ms(engine: LLMEngine, device: torch.device, steps: int = 2) -> floa
     return us / steps / 1e3 if us else None
 
 
-def graph_forward_ms(engine: LLMEngine, device: torch.device, reps: int = 20) -> float | None:
-    """GPU time (ms) of the engine's next decode step's model forward, logits and argmax replayed
-    from a CUDA graph: what graphs would leave of the step, host scheduling and `.tolist()` aside.
-    The step is laid out (its slots reserved, as the real next step would) but not taken, so the
-    engine's state is unchanged; replays rewrite the same K/V slots with the same values."""
-    if device.type != "cuda":
-        return None
-    inst = engine.instance
-    batch = inst.scheduler.schedule()
-    if any(n != 1 for n in batch.num_tokens):
-        return None
-    inst.attention.begin_step(batch.requests, batch.num_tokens)
-    input_ids = torch.tensor([r.token_ids[r.num_computed_tokens] for r in batch.requests],
-                             device=device)
-    positions = torch.tensor([r.num_computed_tokens for r in batch.requests], device=device)
-    model = inst.model
-
-    def forward() -> torch.Tensor:
-        return model.compute_logits(model(input_ids, positions, inst.attention)).argmax(-1)
-
-    try:
-        with torch.inference_mode():
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                forward()
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                forward()
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end) / reps
-        del graph
-        torch.cuda.empty_cache()
-    except Exception as error:  # the numbers above stand without it
-        print(f"  (graph capture failed: {type(error).__name__}: {error})")
-        return None
-    return ms
-
-
 def host_profile(engine: LLMEngine, top: int = 10) -> None:
-    """Where one eager step's host time goes: torch ops by self CPU time (under the profiler,
+    """Where one step's host time goes: torch ops by self CPU time (under the profiler,
     which slows each op down); the rest is Python, Triton launches and the scheduler."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -247,7 +201,6 @@ def measure_decode(llm: LLM, batch: int, context: int, args: argparse.Namespace,
     sync(device)
     step_s = (time.perf_counter() - start) / args.steps
     busy = gpu_busy_ms(engine, device) if args.profile else None
-    graph_ms = graph_forward_ms(engine, device) if args.graph else None
     if args.host_profile:
         host_profile(engine)
         args.host_profile = False  # the first row only
@@ -264,19 +217,17 @@ def measure_decode(llm: LLM, batch: int, context: int, args: argparse.Namespace,
     roof_s = (w_bytes + kv_bytes) / (bandwidth * GB)
     return dict(batch=batch, context=context, prefill_s=prefill_s, step_ms=step_s * 1e3,
                 tok_s=batch / step_s, roof_ms=roof_s * 1e3, w_gb=w_bytes / GB, kv_gb=kv_bytes / GB,
-                frac=roof_s / step_s, busy_ms=busy, graph_ms=graph_ms, clean=clean)
+                frac=roof_s / step_s, busy_ms=busy, clean=clean)
 
 
 def print_row(row: dict[str, Any]) -> None:
     busy = "n/a" if row["busy_ms"] is None else f"{row['busy_ms']:.2f}"
     busy_frac = "" if row["busy_ms"] is None else f"{row['busy_ms'] / row['step_ms']:.2f}"
-    graph = row["graph_ms"]
-    graph_cols = "" if graph is None else f" {graph:>8.2f} {row['roof_ms'] / graph:>7.2f}"
     note = "" if row["clean"] else "  (preempted while timed)"
     print(f"{row['batch']:>6} {size_name(row['context']):>7} {row['prefill_s']:>9.1f} "
           f"{row['step_ms']:>8.2f} {row['tok_s']:>9.0f} {row['roof_ms']:>8.2f} "
           f"{row['w_gb']:>6.2f} {row['kv_gb']:>6.2f} {row['frac']:>7.2f} {busy:>9} "
-          f"{busy_frac:>9}{graph_cols}{note}", flush=True)
+          f"{busy_frac:>9}{note}", flush=True)
 
 
 def hf_from_ours(model: LlamaForCausalLM, config: dict[str, Any], device: torch.device):
@@ -328,7 +279,8 @@ def decode_table(args: argparse.Namespace, device: torch.device, folder: Path) -
     if device.type == "cuda":
         torch.cuda.empty_cache()
     options: dict[str, Any] = dict(load_format="dummy", max_num_batched_tokens=args.chunk,
-                                   max_num_seqs=max(args.batches), device=str(device))
+                                   max_num_seqs=max(args.batches), device=str(device),
+                                   enforce_eager=args.enforce_eager)
     if args.num_kv_blocks:
         options["num_kv_blocks"] = args.num_kv_blocks
     if args.kv_fraction:
@@ -347,8 +299,7 @@ def decode_table(args: argparse.Namespace, device: torch.device, folder: Path) -
           "goal: >= 0.85 of roofline")
     print(f"{'batch':>6} {'context':>7} {'prefill s':>9} {'ms/step':>8} {'tok/s':>9} "
           f"{'roof ms':>8} {'W GB':>6} {'KV GB':>6} {'of roof':>7} {'GPU busy':>9} "
-          f"{'busy/step':>9}" + (f" {'graph ms':>8} {'of roof':>7}" if args.graph else ""),
-          flush=True)
+          f"{'busy/step':>9}", flush=True)
     rows = {}
     for batch in args.batches:
         for context in args.contexts:
@@ -402,7 +353,8 @@ def longest(args: argparse.Namespace, device: torch.device, folder: Path) -> Non
     if device.type == "cuda":
         torch.cuda.empty_cache()
     options: dict[str, Any] = dict(load_format="dummy", max_num_batched_tokens=args.chunk,
-                                   max_num_seqs=1, device=str(device))
+                                   max_num_seqs=1, device=str(device),
+                                   enforce_eager=args.enforce_eager)
     if args.num_kv_blocks:
         options["num_kv_blocks"] = args.num_kv_blocks
     else:
@@ -471,8 +423,8 @@ def main() -> None:
                         help="kv_cache_fraction (engine default 0.9; --longest 0.95)")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--no-hf", action="store_true")
-    parser.add_argument("--graph", action="store_true",
-                        help="also time each row's step forward replayed from a CUDA graph")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs: every step runs eagerly")
     parser.add_argument("--host-profile", action="store_true",
                         help="torch ops by host time for one step of the first row")
     parser.add_argument("--hf-batch", type=int, default=64)
@@ -491,6 +443,8 @@ def main() -> None:
         device = torch.device("cuda", 0)
     print("command: python -P benchmarks/decode_e2e.py " + " ".join(sys.argv[1:]))
     print(f"hardware: {hardware(device)}", flush=True)
+    graphs = device.type == "cuda" and not args.enforce_eager
+    print(f"decode steps: {'CUDA graphs' if graphs else 'eager'}")
     with tempfile.TemporaryDirectory() as tmp:
         (longest if args.longest else decode_table)(args, device, Path(tmp))
 

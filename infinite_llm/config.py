@@ -127,6 +127,7 @@ class EngineConfig:
     memory (GPU: 0.9 of the memory free after the weights; CPU: 0.02 of the machine's RAM).
     `load_format` "dummy" fills the weights with seeded random values instead of reading them, so
     the model folder needs only config.json (benchmarks; vLLM's `load_format="dummy"`).
+    On CUDA, plain decode steps replay CUDA graphs unless `enforce_eager` (vLLM's name).
     """
 
     model: str | None = None
@@ -143,6 +144,7 @@ class EngineConfig:
     kv_mode: str = "pooled"
     worker_timeout_s: float = 300.0
     load_format: str = "auto"
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -41,3 +42,24 @@ def attention_ops(device: torch.device | str) -> AttentionOps:
         logger.warning("triton kernels unavailable (%s); using the torch reference", error)
         return REFERENCE_OPS
     return AttentionOps(kernels.store_kv, kernels.paged_attention, kernels.merge)
+
+
+
+def graph_decode_splits(q: Tensor, k_cache: Tensor, max_kv: int) -> int:
+    """Splits per row for a decode launch that a CUDA graph replays: what `max_kv` keys over
+    `q`'s rows get now, rounded up to a power of two so that few graphs cover all steps."""
+    from infinite_llm.attention import triton as kernels
+
+    splits = kernels.choose_splits(q.shape[0], q, k_cache, max_kv,
+                                   kernels.default_config(k_cache))
+    return 1 << (splits - 1).bit_length()
+
+
+def graph_decode_ops(k_cache: Tensor, splits: int) -> AttentionOps:
+    """The Triton ops with the decode launch fixed: `splits` splits, each row dividing its own
+    keys over them (the steps a graph replays differ in lengths, not in launch shape)."""
+    from infinite_llm.attention import triton as kernels
+
+    config = replace(kernels.default_config(k_cache), splits=splits, split_per_row=True)
+    return AttentionOps(kernels.store_kv, partial(kernels.decode_attention, config=config),
+                        kernels.merge)

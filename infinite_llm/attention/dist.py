@@ -14,13 +14,15 @@ When nobody has remote work (always, with one instance) the layer is the local p
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
 from torch import Tensor
 
-from infinite_llm.attention import attention_ops
+from infinite_llm.attention import AttentionOps, attention_ops
 from infinite_llm.attention.reference import PagedBatch
 from infinite_llm.cluster.comm import Cluster
 from infinite_llm.cluster.messages import ExchangeSummary, RemoteRow
@@ -118,6 +120,33 @@ class DistAttention:
                 self._plan_exchange(summaries, q_out, kv_out)
         self._merge_layout([local_q] + [q_out.get(j, []) for j in self._creditors()], device)
         return offset > 0 or self.exchange
+
+    def plain_decode(self) -> tuple[PagedBatch, Tensor] | None:
+        """The step's local rows and K/V slots when it is plain local decode (one query per row,
+        one row per token in step order, nothing exchanged or merged): the steps a CUDA graph of
+        the model may replay. None for any other step."""
+        local = self._local
+        if (self.exchange or self._local_q is not None or self._kv_index is not None
+                or self._slots_of is not None or local.num_rows != self._num_tokens
+                or any(n != 1 for n in local.q_lens)):
+            return None
+        return local, self._slots
+
+    @contextmanager
+    def fixed_step(self, batch: PagedBatch, slots: Tensor, ops: AttentionOps) -> Iterator[None]:
+        """Layers run over the given plain-decode tensors with the given ops (a CUDA graph's
+        static buffers and fixed launches, while it is captured); the step's own layout and
+        ops come back afterwards."""
+        saved = (self._local, self._slots, self._kv_index, self._local_q, self._slots_of,
+                 self.exchange, self.ops)
+        self._local, self._slots, self.ops = batch, slots, ops
+        self._kv_index = self._local_q = self._slots_of = None
+        self.exchange = False
+        try:
+            yield
+        finally:
+            (self._local, self._slots, self._kv_index, self._local_q, self._slots_of,
+             self.exchange, self.ops) = saved
 
     def _creditors(self) -> list[int]:
         world = self.cluster.world_size if self.exchange and self.cluster is not None else 0

@@ -19,6 +19,7 @@ from infinite_llm.cluster.gmanager import Heartbeat
 from infinite_llm.cluster.messages import CreditorNotice, StepPlan, StepReport
 from infinite_llm.cluster.migration import migrate
 from infinite_llm.config import ConfigError, EngineConfig
+from infinite_llm.engine.cuda_graphs import DecodeGraphs
 from infinite_llm.engine.output import Detokenizer, RequestDelta
 from infinite_llm.engine.scheduler import ScheduledBatch, Scheduler
 from infinite_llm.kvcache.pool import KVPool
@@ -46,10 +47,13 @@ class Instance:
         mc = model.config
         self.attention = DistAttention(pool, self.rmanager, cluster, mc.num_heads,
                                        mc.num_kv_heads, mc.head_dim)
+        self.device = pool.k.device
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(model, self.attention, config.max_num_seqs)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, Detokenizer] = {}
-        self.device = pool.k.device
         self.last_batch_tokens = 0
 
     def run(self, plan: StepPlan) -> StepReport:
@@ -150,7 +154,9 @@ class Instance:
             last_row[request.request_id] = len(ids) - 1
         input_ids = to_device(ids, torch.long, self.device)
         pos = to_device(positions, torch.long, self.device)
-        hidden = self.model(input_ids, pos, self.attention)
+        hidden = None if self.graphs is None else self.graphs.forward(input_ids, pos)
+        if hidden is None:
+            hidden = self.model(input_ids, pos, self.attention)
         for request, n in zip(batch.requests, batch.num_tokens):
             request.num_computed_tokens += n
         return hidden, last_row

@@ -35,13 +35,18 @@ _ENGINE_FLAGS: dict[str, type] = {
     "device": str, "dtype": str, "num_kv_blocks": int, "kv_cache_fraction": float,
     "block_size": int, "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int,
     "seed": int, "num_instances": int, "kv_mode": str, "worker_timeout_s": float,
+    "enforce_eager": bool,
 }
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group("engine options (see EngineConfig)")
     for name, kind in _ENGINE_FLAGS.items():
-        if name not in skip:
+        if name in skip:
+            continue
+        if kind is bool:  # a switch: present = True, absent = EngineConfig's default
+            group.add_argument(f"--{name.replace('_', '-')}", action="store_true", default=None)
+        else:
             group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
 
 

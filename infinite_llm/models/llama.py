@@ -21,6 +21,11 @@ from torch import Tensor, nn
 from infinite_llm.config import ModelConfig
 from infinite_llm.models.rope import RotaryEmbedding
 
+try:  # one-launch RMSNorm, RoPE and SiLU * up for CUDA tensors
+    from infinite_llm.models import fused
+except ImportError:  # no triton (CPU-only installs): the torch code below runs everywhere
+    fused = None
+
 
 class AttentionFn(Protocol):
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -44,6 +49,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused is not None and x.is_cuda:
+            return fused.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -79,7 +86,10 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        if fused is not None and q.is_cuda:
+            fused.rotary_(positions, q, k, self.rotary.cos, self.rotary.sin)
+        else:
+            q, k = self.rotary(positions, q, k)
         out = attention(self.layer, q, k, v)  # [T, num_heads, head_dim]
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -92,6 +102,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = _linear(inter, hidden, False, dtype, device)
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused is not None and x.is_cuda:
+            return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         h = F.silu(gate)  # one fresh contiguous [T, inter] buffer, then multiplied in place
         h *= up

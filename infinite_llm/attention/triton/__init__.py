@@ -9,14 +9,21 @@ from __future__ import annotations
 from torch import Tensor
 
 from infinite_llm.attention.reference import PagedBatch
-from infinite_llm.attention.triton.decode import DecodeConfig, decode_attention
+from infinite_llm.attention.triton.decode import (
+    DecodeConfig,
+    choose_splits,
+    decode_attention,
+    default_config,
+)
 from infinite_llm.attention.triton.merge import merge, merge_into
 from infinite_llm.attention.triton.prefill import prefill_attention
 from infinite_llm.attention.triton.store import store_kv
 
 __all__ = [
     "DecodeConfig",
+    "choose_splits",
     "decode_attention",
+    "default_config",
     "merge",
     "merge_into",
     "paged_attention",

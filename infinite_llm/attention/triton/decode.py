@@ -36,13 +36,18 @@ from infinite_llm.attention.triton.merge import merge_into
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
     """Tile and launch shape; `splits` fixes the split count (tests, tuning) instead of the
-    occupancy rule of `num_splits`. No split gets fewer than `min_split_tokens` keys."""
+    occupancy rule of `num_splits`. No split gets fewer than `min_split_tokens` keys.
+
+    `split_per_row` (needs `splits`): every row divides its own keys evenly over the splits, so
+    the launch depends on nothing but the number of rows: what a CUDA graph replays over steps
+    whose lengths change."""
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
     min_split_tokens: int = 256
     splits: int | None = None
+    split_per_row: bool = False
 
 
 # Resident programs per SM of each compiled specialization, learned at its first launch.
@@ -65,7 +70,7 @@ def _decode_kernel(
     qk_scale,  # softmax scale * log2(e)
     num_rows,
     stride_table,
-    tokens_per_split,  # multiple of BLOCK_N
+    tokens_per_split,  # multiple of BLOCK_N; 0: each row splits its own keys evenly
     num_splits,
     GROUP: tl.constexpr,  # query heads per kv head
     BLOCK_H: tl.constexpr,  # GROUP padded to a power of two >= 16 (the smallest tl.dot)
@@ -84,8 +89,10 @@ def _decode_kernel(
     pos = tl.load(q_pos_ptr + row)
     # Keys kv_start + j with j < kv_len and kv_start + j <= pos are visible: a prefix of the row.
     n = tl.maximum(tl.minimum(kv_len, pos - kv_start + 1), 0).to(tl.int32)
-    lo = split * tokens_per_split
-    hi = tl.minimum(lo + tokens_per_split, n)
+    per_split = tl.where(tokens_per_split > 0, tokens_per_split,
+                         tl.cdiv(tl.cdiv(n, num_splits), BLOCK_N) * BLOCK_N)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n)
     full_hi = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
 
     num_heads: tl.constexpr = NUM_KV_HEADS * GROUP
@@ -168,6 +175,24 @@ def num_splits(programs: int, max_kv: int, slots: int, config: DecodeConfig) -> 
     return max(1, min(max_splits, slots // programs))
 
 
+def _kernel_key(q: Tensor, k_cache: Tensor, config: DecodeConfig) -> tuple:
+    """What the compiled kernel's occupancy depends on."""
+    return (q.device, k_cache.dtype, q.dtype, q.shape[1] // k_cache.shape[2], q.shape[2],
+            k_cache.shape[1], config)
+
+
+def default_config(k_cache: Tensor) -> DecodeConfig:
+    """Smaller key tiles for fp32 caches (twice the bytes per key)."""
+    return DecodeConfig(block_n=32) if k_cache.element_size() == 4 else DecodeConfig()
+
+
+def choose_splits(num_rows: int, q: Tensor, k_cache: Tensor, max_kv: int,
+                  config: DecodeConfig) -> int:
+    """`num_splits` for this launch, with the resident-program count learned for its kernel."""
+    slots = _sm_count(q.device) * _PROGRAMS_PER_SM.get(_kernel_key(q, k_cache, config), 2)
+    return num_splits(num_rows * k_cache.shape[2], max_kv, slots, config)
+
+
 def decode_attention(
     q: Tensor,  # [num_rows, num_heads, head_dim]: one query per row
     k_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
@@ -181,18 +206,22 @@ def decode_attention(
     _, page, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     if config is None:
-        config = DecodeConfig(block_n=32) if k_cache.element_size() == 4 else DecodeConfig()
+        config = default_config(k_cache)
     q = q.contiguous()
     out = torch.empty(num_rows, num_heads, head_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(num_rows, num_heads, dtype=torch.float32, device=q.device)
     if num_rows == 0:
         return out, lse
-    max_kv = max(batch.kv_lens_host)
-    key = (q.device, k_cache.dtype, q.dtype, group, head_dim, page, config)
-    slots = _sm_count(q.device) * _PROGRAMS_PER_SM.get(key, 2)
-    per_split = split_tokens(
-        max_kv, num_splits(num_rows * num_kv_heads, max_kv, slots, config), config.block_n)
-    splits = max(1, -(-max_kv // per_split))
+    key = _kernel_key(q, k_cache, config)
+    if config.split_per_row:
+        if config.splits is None:
+            raise ValueError("split_per_row needs a fixed number of splits")
+        splits, per_split = config.splits, 0
+    else:
+        max_kv = max(batch.kv_lens_host)
+        per_split = split_tokens(
+            max_kv, choose_splits(num_rows, q, k_cache, max_kv, config), config.block_n)
+        splits = max(1, -(-max_kv // per_split))
     if splits == 1:
         o_part, lse_part = out, lse  # placeholders, never touched
     else:

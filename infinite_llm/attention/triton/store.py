@@ -32,7 +32,7 @@ def _store_kv_kernel(
     offset = slot % PAGE
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (offs_h < NUM_KV_HEADS) & (offs_d < HEAD_DIM)
+    mask = (offs_h < NUM_KV_HEADS) & (offs_d < HEAD_DIM) & (slot >= 0)
     k = tl.load(k_ptr + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
     tl.store(k_cache_ptr + page * stride_ckb + offset * stride_ckt + offs_h * stride_ckh + offs_d,
@@ -48,7 +48,8 @@ def store_kv(
     k: Tensor,  # [num_tokens, num_kv_heads, head_dim]
     v: Tensor,  # [num_tokens, num_kv_heads, head_dim]
 ) -> None:
-    """Same contract as `reference.store_kv`; k and v may be strided views (e.g. of a fused QKV)."""
+    """Same contract as `reference.store_kv`; k and v may be strided views (e.g. of a fused QKV).
+    A negative slot writes nothing: the padding rows of a CUDA-graph batch."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return

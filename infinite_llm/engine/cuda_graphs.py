@@ -1,0 +1,98 @@
+"""Decode steps replayed from CUDA graphs.
+
+An eager decode step of a 32-layer model launches ~1500 small kernels, and the host issuing them is
+slower than the GPU running them. A captured graph launches them all at once. A graph fixes its
+tensors' addresses and its launch shapes, so a step is replayed only when it is plain local decode
+(`DistAttention.plain_decode`: one query per request, all KV local, nothing merged); prefill
+chunks and steps that exchange with other instances run eagerly.
+
+Steps are padded to a bucket of rows (1, 2, 4, 8, then multiples of 16): padding rows have no keys
+and a negative K/V slot, so they store nothing and their outputs are ignored. Each bucket gets a
+graph per decode split count (a power of two), captured at its first use; all graphs share one
+memory pool, as only one runs at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from infinite_llm.attention import graph_decode_ops, graph_decode_splits
+from infinite_llm.attention.dist import DistAttention
+from infinite_llm.attention.reference import PagedBatch
+from infinite_llm.models.llama import LlamaForCausalLM
+
+
+def buckets(max_rows: int) -> list[int]:
+    """Row counts that get graphs: every step pads to the next one."""
+    sizes = [n for n in (1, 2, 4, 8) if n < max_rows]
+    sizes += range(16, max_rows, 16)
+    return [*sizes, max_rows]
+
+
+class DecodeGraphs:
+    """The model's forward over plain decode steps of up to `max_rows` requests, from graphs."""
+
+    def __init__(self, model: LlamaForCausalLM, attention: DistAttention, max_rows: int) -> None:
+        self.model = model
+        self.attention = attention
+        self.buckets = buckets(max_rows)
+        pool = attention.pool
+        device = pool.k.device
+        self.input_ids = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)  # = q positions
+        self.slots = torch.full((max_rows,), -1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(max_rows, pool.num_blocks, dtype=torch.int32,
+                                        device=device)
+        self.kv_starts = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.kv_lens = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.cu_q_lens = torch.arange(max_rows + 1, dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.memory = torch.cuda.graph_pool_handle()
+
+    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor | None:
+        """Hidden states of this step from a graph, or None when the step isn't plain decode
+        (or has more rows than the largest bucket): the caller then runs the model eagerly."""
+        step = self.attention.plain_decode()
+        if step is None or step[0].num_rows > self.buckets[-1]:
+            return None
+        batch, slots = step
+        n = batch.num_rows
+        rows = next(b for b in self.buckets if b >= n)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slots[:n].copy_(slots)
+        self.slots[n:rows].fill_(-1)
+        width = batch.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(batch.block_tables)
+        self.kv_starts[:n].copy_(batch.kv_starts)
+        self.kv_lens[:n].copy_(batch.kv_lens)
+        self.kv_lens[n:rows].zero_()
+        k_cache = self.attention.pool.k[0]
+        mc = self.model.config
+        probe = k_cache.new_empty(rows, mc.num_heads, mc.head_dim)  # the shape splits depend on
+        splits = graph_decode_splits(probe, k_cache, max(batch.kv_lens_host))
+        key = (rows, splits)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(rows, splits)
+        graph, hidden = self.graphs[key]
+        graph.replay()
+        return hidden[:n]
+
+    def _capture(self, rows: int, splits: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        """Warm up (compiles kernels; writes this step's K/V, which the replay rewrites with the
+        same values) and capture the forward over the first `rows` rows of the buffers."""
+        batch = PagedBatch(
+            cu_q_lens=self.cu_q_lens[: rows + 1], q_positions=self.positions[:rows],
+            block_tables=self.block_tables[:rows], kv_starts=self.kv_starts[:rows],
+            kv_lens=self.kv_lens[:rows], q_lens=[1] * rows, kv_lens_host=[0] * rows,
+        )
+        ops = graph_decode_ops(self.attention.pool.k[0], splits)
+        ids, positions = self.input_ids[:rows], self.positions[:rows]
+        with self.attention.fixed_step(batch, self.slots[:rows], ops):
+            self.model(ids, positions, self.attention)
+            torch.cuda.current_stream().synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.memory):
+                hidden = self.model(ids, positions, self.attention)
+        return graph, hidden

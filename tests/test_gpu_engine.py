@@ -1,0 +1,150 @@
+"""The engine on a GPU: decode steps replayed from CUDA graphs give the eager engine's tokens (and
+Hugging Face's); the fused Triton model ops equal the torch path; the graph-launch variants of the
+attention kernels. Skipped without CUDA. The tiny checkpoint has no tokenizer (the GPU machine
+has no default model), so prompts are token ids.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from conftest import VOCAB_SIZE, write_tiny_checkpoint
+from transformers import AutoModelForCausalLM
+
+from infinite_llm import LLM, SamplingParams
+from infinite_llm.attention import reference
+from infinite_llm.attention import triton as kernels
+from infinite_llm.attention.reference import PagedBatch
+from infinite_llm.config import RopeScaling
+from infinite_llm.engine.cuda_graphs import buckets
+from infinite_llm.models import fused
+from infinite_llm.models.llama import RMSNorm
+from infinite_llm.models.rope import RotaryEmbedding
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny-llama-gpu"))
+
+
+def _requests(seed: int, lengths: list[int]) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Prompts of the given lengths, each with its own number of new tokens, so the decode
+    batch shrinks through several buckets as requests finish."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(10, VOCAB_SIZE) for _ in range(n)] for n in lengths]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(4, 40), ignore_eos=True)
+              for _ in lengths]
+    return prompts, params
+
+
+def _generate(path: Path, prompts, params, **options) -> tuple[list[list[int]], LLM]:
+    llm = LLM(str(path), device="cuda", dtype="float32", block_size=16, num_kv_blocks=512,
+              max_num_seqs=40, **options)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], llm
+
+
+def test_graph_tokens_equal_eager_and_hugging_face(tiny_llama: Path) -> None:
+    prompts, params = _requests(0, [random.Random(i).randint(1, 300) for i in range(37)])
+    prompts += [[11] * 900, [12] * 1000]  # long rows: the decode kernel splits them
+    params += [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)] * 2
+    eager, eager_llm = _generate(tiny_llama, prompts, params, enforce_eager=True)
+    assert eager_llm.engine.instance.graphs is None
+    graphed, llm = _generate(tiny_llama, prompts, params)
+    assert graphed == eager
+    captured = llm.engine.instance.graphs.graphs
+    assert len({rows for rows, _ in captured}) >= 3, sorted(captured)  # the batch shrank
+    assert any(splits > 1 for _, splits in captured), sorted(captured)
+    assert all(s.free == s.total for s in llm.kv_stats())
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda()
+    for ids, p, ours in list(zip(prompts, params, graphed))[::6]:
+        out = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=p.max_tokens,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert out[0, len(ids):].tolist() == ours
+
+
+def test_buckets() -> None:
+    assert buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert buckets(3) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("splits", [1, 2, 8, 64])
+def test_split_per_row_decode_matches_reference(splits: int) -> None:
+    """The graph launch: each row divides its own keys over a fixed split count; rows with no
+    keys (the padding of a bucket) give lse -inf."""
+    gen = torch.Generator().manual_seed(splits)
+    rows, heads, kv_heads, dim, page = 9, 8, 2, 64, 16
+    lens = [1, 17, 300, 0, 2048, 64, 5, 0, 999]
+    tables = []
+    free = torch.randperm(sum(-(-n // page) for n in lens) + 1, generator=gen).tolist()
+    for n in lens:
+        tables.append([free.pop() for _ in range(-(-n // page))])
+    width = max(len(t) for t in tables)
+    k_cache = torch.randn(len(free) + sum(map(len, tables)), page, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(k_cache.shape, generator=gen)
+    batch = PagedBatch(
+        cu_q_lens=torch.arange(rows + 1).cuda(),
+        q_positions=torch.tensor([max(n - 1, 0) for n in lens]).cuda(),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                  dtype=torch.int32).cuda(),
+        kv_starts=torch.zeros(rows, dtype=torch.long).cuda(),
+        kv_lens=torch.tensor(lens).cuda(), q_lens=[1] * rows, kv_lens_host=lens)
+    q = torch.randn(rows, heads, dim, generator=gen)
+    config = kernels.DecodeConfig(splits=splits, split_per_row=True)
+    out, lse = kernels.decode_attention(q.cuda().half(), k_cache.cuda().half(),
+                                        v_cache.cuda().half(), batch, dim**-0.5, config)
+    ref_out, ref_lse = reference.paged_attention(q.cuda(), k_cache.cuda(), v_cache.cuda(), batch,
+                                                 dim**-0.5)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-3, rtol=0)
+    torch.testing.assert_close(out.float(), ref_out, atol=3e-3, rtol=3e-3)
+
+
+def test_negative_slots_store_nothing() -> None:
+    cache = torch.randn(2, 4, 16, 2, 64, device="cuda")
+    before = cache.clone()
+    k = torch.randn(3, 2, 64, device="cuda")
+    kernels.store_kv(cache[0], cache[1], torch.tensor([-1, 5, -1], device="cuda"), k, k)
+    before[0].view(-1, 2, 64)[5] = k[1]
+    before[1].view(-1, 2, 64)[5] = k[1]
+    assert torch.equal(cache, before)
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_ops_equal_torch_path(dtype: torch.dtype) -> None:
+    """Each fused op on the GPU against the module's torch code on the CPU."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 576, generator=gen).to(dtype)
+    norm = RMSNorm(576, 1e-5, dtype, torch.device("cpu"))
+    norm.weight.data = torch.randn(576, generator=gen).to(dtype)
+    out = fused.rms_norm(x.cuda(), norm.weight.cuda(), 1e-5)
+    torch.testing.assert_close(out.cpu(), norm(x), atol=TOL[dtype], rtol=TOL[dtype])
+
+    rope = RotaryEmbedding(64, 500000.0, RopeScaling("llama3", 8.0, 1.0, 4.0, 64), 4096)
+    positions = torch.randint(0, 4096, (37,), generator=gen)
+    qkv = torch.randn(37, (8 + 2 + 2) * 64, generator=gen).to(dtype)
+    q, k = qkv[:, :512].view(37, 8, 64), qkv[:, 512:640].view(37, 2, 64)  # strided views
+    ref_q, ref_k = rope(positions, q, k)
+    qkv_gpu = qkv.cuda()
+    q_gpu, k_gpu = qkv_gpu[:, :512].view(37, 8, 64), qkv_gpu[:, 512:640].view(37, 2, 64)
+    fused.rotary_(positions.cuda(), q_gpu, k_gpu, rope.cos.cuda(), rope.sin.cuda())
+    torch.testing.assert_close(q_gpu.cpu(), ref_q, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(k_gpu.cpu(), ref_k, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(qkv_gpu[:, 640:].cpu(), qkv[:, 640:])  # v untouched
+
+    gate_up = torch.randn(37, 2 * 1536, generator=gen).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(fused.silu_mul(gate_up.cuda()).cpu(), ref, atol=TOL[dtype],
+                               rtol=TOL[dtype])
