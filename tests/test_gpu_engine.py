@@ -78,7 +78,7 @@ def test_buckets() -> None:
 @pytest.mark.parametrize("splits", [1, 2, 8, 64])
 def test_split_per_row_decode_matches_reference(splits: int) -> None:
     """The graph launch: each row divides its own keys over a fixed split count; rows with no
-    keys (the padding of a bucket) give lse -inf."""
+    keys (the padding of a bucket) give lse -inf; q may be a strided view of a fused QKV."""
     gen = torch.Generator().manual_seed(splits)
     rows, heads, kv_heads, dim, page = 9, 8, 2, 64, 16
     lens = [1, 17, 300, 0, 2048, 64, 5, 0, 999]
@@ -96,9 +96,11 @@ def test_split_per_row_decode_matches_reference(splits: int) -> None:
                                   dtype=torch.int32).cuda(),
         kv_starts=torch.zeros(rows, dtype=torch.long).cuda(),
         kv_lens=torch.tensor(lens).cuda(), q_lens=[1] * rows, kv_lens_host=lens)
-    q = torch.randn(rows, heads, dim, generator=gen)
+    fused_qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen)
+    q = fused_qkv[:, : heads * dim].view(rows, heads, dim)  # rows strided, as in the model
     config = kernels.DecodeConfig(splits=splits, split_per_row=True)
-    out, lse = kernels.decode_attention(q.cuda().half(), k_cache.cuda().half(),
+    out, lse = kernels.decode_attention(fused_qkv.cuda().half()[:, : heads * dim].view(q.shape),
+                                        k_cache.cuda().half(),
                                         v_cache.cuda().half(), batch, dim**-0.5, config)
     ref_out, ref_lse = reference.paged_attention(q.cuda(), k_cache.cuda(), v_cache.cuda(), batch,
                                                  dim**-0.5)

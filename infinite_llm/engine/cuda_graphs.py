@@ -62,12 +62,13 @@ class DecodeGraphs:
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.slots[:n].copy_(slots)
-        self.slots[n:rows].fill_(-1)
         width = batch.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(batch.block_tables)
         self.kv_starts[:n].copy_(batch.kv_starts)
         self.kv_lens[:n].copy_(batch.kv_lens)
-        self.kv_lens[n:rows].zero_()
+        if n < rows:  # padding rows: no keys, nothing stored
+            self.slots[n:rows].fill_(-1)
+            self.kv_lens[n:rows].zero_()
         k_cache = self.attention.pool.k[0]
         mc = self.model.config
         probe = k_cache.new_empty(rows, mc.num_heads, mc.head_dim)  # the shape splits depend on

@@ -56,7 +56,7 @@ _PROGRAMS_PER_SM: dict[tuple, int] = {}
 
 @triton.jit
 def _decode_kernel(
-    q_ptr,  # [num_rows, num_heads, HEAD_DIM], contiguous
+    q_ptr,  # [num_rows, num_heads, HEAD_DIM], contiguous in heads and HEAD_DIM
     k_ptr,  # [num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM], contiguous
     v_ptr,  # [num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM], contiguous
     table_ptr,  # [num_rows, stride_table] int32
@@ -69,6 +69,7 @@ def _decode_kernel(
     lse_part_ptr,  # [num_splits, num_rows, num_heads] float32 (unused with one split)
     qk_scale,  # softmax scale * log2(e)
     num_rows,
+    stride_q,  # between rows of q (a view of a fused QKV has gaps between them)
     stride_table,
     tokens_per_split,  # multiple of BLOCK_N; 0: each row splits its own keys evenly
     num_splits,
@@ -101,7 +102,8 @@ def _decode_kernel(
     row_heads = row * num_heads + kvh * GROUP + offs_h  # [BLOCK_H] index into [rows, heads]
     h_mask = offs_h < GROUP
     qo_mask = h_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + row_heads[:, None] * HEAD_DIM + offs_d[None, :], mask=qo_mask,
+    q_heads = row * stride_q + (kvh * GROUP + offs_h) * HEAD_DIM
+    q = tl.load(q_ptr + q_heads[:, None] + offs_d[None, :], mask=qo_mask,
                 other=0.0).to(k_ptr.dtype.element_ty)
     stride_t: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
     k_base = k_ptr + kvh * HEAD_DIM
@@ -207,7 +209,8 @@ def decode_attention(
     group = num_heads // num_kv_heads
     if config is None:
         config = default_config(k_cache)
-    q = q.contiguous()
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
     out = torch.empty(num_rows, num_heads, head_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(num_rows, num_heads, dtype=torch.float32, device=q.device)
     if num_rows == 0:
@@ -229,7 +232,7 @@ def decode_attention(
         lse_part = q.new_empty(splits, num_rows, num_heads, dtype=torch.float32)
     kernel = _decode_kernel[(num_rows, num_kv_heads, splits)](
         q, k_cache, v_cache, batch.block_tables, batch.kv_starts, batch.kv_lens,
-        batch.q_positions, out, lse, o_part, lse_part, scale * LOG2E, num_rows,
+        batch.q_positions, out, lse, o_part, lse_part, scale * LOG2E, num_rows, q.stride(0),
         batch.block_tables.stride(0), per_split, splits,
         GROUP=group, BLOCK_H=max(16, next_pow2(group)), NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_N=config.block_n,
