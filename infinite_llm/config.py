@@ -128,6 +128,8 @@ class EngineConfig:
     `load_format` "dummy" fills the weights with seeded random values instead of reading them, so
     the model folder needs only config.json (benchmarks; vLLM's `load_format="dummy"`).
     On CUDA, plain decode steps replay CUDA graphs unless `enforce_eager` (vLLM's name).
+    `data_backend` carries the instances' tensors: "auto" is NCCL on CUDA and gloo on CPU; "gloo"
+    on CUDA lets several instances share one GPU (NCCL refuses that), for tests.
     """
 
     model: str | None = None
@@ -145,6 +147,7 @@ class EngineConfig:
     worker_timeout_s: float = 300.0
     load_format: str = "auto"
     enforce_eager: bool = False
+    data_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -172,6 +175,9 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError(
                 f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.data_backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(
+                f"data_backend must be 'auto', 'nccl' or 'gloo', got {self.data_backend!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -180,6 +186,12 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    @property
+    def torch_data_backend(self) -> str:
+        if self.data_backend == "auto":
+            return "nccl" if self.torch_device.type == "cuda" else "gloo"
+        return self.data_backend
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -70,6 +70,31 @@ def test_graph_tokens_equal_eager_and_hugging_face(tiny_llama: Path) -> None:
         assert out[0, len(ids):].tolist() == ours
 
 
+def test_kv_split_over_two_instances_on_one_gpu(tiny_llama: Path) -> None:
+    """DistAttention's GPU path (Triton partials where the KV lives, the merge on the owner,
+    CUDA tensors exchanged over gloo, as NCCL refuses two ranks on one GPU): a request longer
+    than one instance's pool, next to short ones, gives the one-instance tokens."""
+    prompts, params = _requests(1, [900, 300, 5, 40])  # 900 + up to 40 > 48 blocks x 16
+    single, _ = _generate(tiny_llama, prompts, params)
+    llm = LLM(str(tiny_llama), device="cuda", dtype="float32", block_size=16, num_kv_blocks=48,
+              num_instances=2, data_backend="gloo")
+    try:
+        engine = llm.engine
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(prompt, p, str(i))
+        tokens: dict[str, list[int]] = {}
+        lent = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens[out.request_id] = out.outputs[0].token_ids
+            lent = max(lent, sum(s.lent for s in llm.kv_stats()))
+        assert [tokens[str(i)] for i in range(len(prompts))] == single
+        assert lent > 0
+        assert all(s.free == s.total for s in llm.kv_stats())
+    finally:
+        llm.shutdown()
+
+
 def test_buckets() -> None:
     assert buckets(40) == [1, 2, 4, 8, 16, 32, 40]
     assert buckets(3) == [1, 2, 3]

@@ -1,7 +1,8 @@
 """Process groups of the cluster and the collectives the step protocol uses.
 
 Ranks are instances. Control messages (typed dataclasses) travel as pickled objects over a gloo
-group; tensors travel over the data group (NCCL on GPU, gloo on CPU). On one machine the driver
+group; tensors travel over the data group (`EngineConfig.data_backend`: NCCL on GPU, gloo on
+CPU). On one machine the driver
 starts the other ranks itself; under `torchrun` every rank is started by torchrun.
 """
 
@@ -63,10 +64,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_cluster(rank: int, world_size: int, device: torch.device, timeout_s: float) -> Cluster:
-    """Join the job described by MASTER_ADDR / MASTER_PORT (set by us or by torchrun)."""
+def init_cluster(rank: int, world_size: int, device: torch.device, timeout_s: float,
+                 backend: str) -> Cluster:
+    """Join the job described by MASTER_ADDR / MASTER_PORT (set by us or by torchrun), with
+    `backend` for the tensors."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)

@@ -12,7 +12,8 @@ from infinite_llm.config import EngineConfig
 
 
 def serve_worker(config: EngineConfig, rank: int, world_size: int) -> None:
-    cluster = init_cluster(rank, world_size, config.torch_device, config.worker_timeout_s)
+    cluster = init_cluster(rank, world_size, config.torch_device, config.worker_timeout_s,
+                           config.torch_data_backend)
     try:
         instance = build_instance(config, rank, cluster)
         cluster.gather(instance.heartbeat())

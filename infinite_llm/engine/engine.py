@@ -97,7 +97,8 @@ class LLMEngine:
                 sys.exit(0)
         else:
             self.workers = spawn_workers(n, config)
-        return init_cluster(0, n, config.torch_device, config.worker_timeout_s)
+        return init_cluster(0, n, config.torch_device, config.worker_timeout_s,
+                            config.torch_data_backend)
 
     def _collect(self, report: Any) -> list[Any]:
         """Every instance's report (rank 0's given); a dead or silent worker raises WorkerError."""

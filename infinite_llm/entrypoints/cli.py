@@ -35,7 +35,7 @@ _ENGINE_FLAGS: dict[str, type] = {
     "device": str, "dtype": str, "num_kv_blocks": int, "kv_cache_fraction": float,
     "block_size": int, "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int,
     "seed": int, "num_instances": int, "kv_mode": str, "worker_timeout_s": float,
-    "enforce_eager": bool,
+    "enforce_eager": bool, "data_backend": str,
 }
 
 
