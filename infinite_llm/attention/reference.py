@@ -9,14 +9,28 @@ the merge. Merging the partials of every segment of a sequence gives ordinary ca
 
 GQA is computed without expanding KV heads: query head h uses KV head h // group, where
 group = num_heads / num_kv_heads, as in Hugging Face's `repeat_kv`.
+
+Everything about a batch except the K/V values is the same in every layer (which blocks to gather,
+which keys each query sees), so it is worked out once per batch (`_KeyLayout`) and reused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+_DECODE = "decode"  # `PagedBatch.layouts` key of the batched one-query-per-row layout
+
+
+@dataclass(slots=True)
+class _KeyLayout:
+    """Layer-invariant part of attending some rows: what to gather and what each query sees."""
+
+    blocks: Tensor  # [R * num_blocks] int64, the rows' block tables, flattened
+    mask: Tensor  # [R, 1, group * Q, L] float32: 0 where the query sees the key, else -inf
+    blind: Tensor | None  # [R, 1, group * Q] bool, queries that see no key; None if none do
 
 
 @dataclass(slots=True)
@@ -30,6 +44,9 @@ class PagedBatch:
     kv_lens: Tensor  # [num_rows] int64, number of keys in the row
     q_lens: list[int]  # host copy of cu_q_lens' differences, for Python-side control flow
     kv_lens_host: list[int]  # host copy of kv_lens
+    # Built by `paged_attention` on first use and reused by later layers; the fields above must
+    # not change once a layout exists (build a new batch instead).
+    layouts: dict[str | int, _KeyLayout] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_rows(self) -> int:
@@ -63,12 +80,16 @@ def paged_attention(
     if num_tokens == 0:
         return q.new_zeros(q.shape), q.new_zeros((0, num_heads), dtype=torch.float32)
     if batch.num_rows == num_tokens and all(n == 1 for n in batch.q_lens):
-        # Decode: one query per row, every row in one padded batched computation.
-        keys, values, k_pos, k_valid = _gather_rows(k_cache, v_cache, batch, range(num_tokens))
-        qg = q.view(num_tokens, num_kv_heads, group, 1, head_dim)
-        out, lse = _attend(qg, keys, values, batch.q_positions[:, None], k_pos, k_valid, scale)
-        out = out.view(num_tokens, num_heads, head_dim).to(q.dtype)
-        return out, lse.view(num_tokens, num_heads)
+        # Decode: one query per row, every row in one padded batched computation; a row's
+        # `group` query heads that share a KV head are its queries there.
+        layout = batch.layouts.get(_DECODE)
+        if layout is None:
+            layout = batch.layouts[_DECODE] = _key_layout(
+                batch, slice(0, num_tokens), batch.q_positions[:, None], group, k_cache.shape[1])
+        qg = q.view(num_tokens, num_kv_heads, group, head_dim)
+        out, lse = _attend(qg, k_cache, v_cache, layout, scale)
+        return (out.reshape(num_tokens, num_heads, head_dim).to(q.dtype),
+                lse.reshape(num_tokens, num_heads))
     out = q.new_zeros(num_tokens, num_heads, head_dim)
     lse = q.new_full((num_tokens, num_heads), float("-inf"), dtype=torch.float32)
     start = 0
@@ -76,70 +97,81 @@ def paged_attention(
         # Prefill chunks: one row at a time, so no padding to the longest query run.
         end = start + q_len
         if q_len and batch.kv_lens_host[row]:
-            keys, values, k_pos, k_valid = _gather_rows(k_cache, v_cache, batch, [row])
+            layout = batch.layouts.get(row)
+            if layout is None:
+                layout = batch.layouts[row] = _key_layout(
+                    batch, slice(row, row + 1), batch.q_positions[None, start:end], group,
+                    k_cache.shape[1])
             qg = q[start:end].view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-            o, s = _attend(qg[None], keys, values, batch.q_positions[None, start:end], k_pos,
-                           k_valid, scale)
-            out[start:end] = o[0].permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
-            lse[start:end] = s[0].permute(2, 0, 1).reshape(q_len, num_heads)
+            o, s = _attend(qg.reshape(1, num_kv_heads, group * q_len, head_dim), k_cache,
+                           v_cache, layout, scale)
+            o = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
+            out[start:end] = o.reshape(q_len, num_heads, head_dim)
+            lse[start:end] = s.view(num_kv_heads, group, q_len).permute(2, 0, 1).reshape(
+                q_len, num_heads)
         start = end
     return out, lse
 
 
-def _gather_rows(
-    k_cache: Tensor, v_cache: Tensor, batch: PagedBatch, rows: range | list[int]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Keys/values of the given rows as [rows, kv_heads, L, d], their positions and validity.
+def _key_layout(
+    batch: PagedBatch,
+    rows: slice,
+    q_pos: Tensor,  # [R, Q] absolute positions of each row's queries
+    group: int,
+    block_size: int,
+) -> _KeyLayout:
+    """The `_KeyLayout` of `rows`, their keys padded to the longest row's whole blocks; query
+    index g * Q + i of a row is query head g of its i-th query (see `_attend`)."""
+    num_rows, num_q = q_pos.shape
+    num_blocks = max(1, -(-max(batch.kv_lens_host[rows]) // block_size))
+    offsets = torch.arange(num_blocks * block_size, device=q_pos.device)
+    k_pos = batch.kv_starts[rows, None] + offsets  # [R, L]
+    k_valid = offsets < batch.kv_lens[rows, None]  # [R, L]
+    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [R, Q, L]
+    visible = visible[:, None].expand(-1, group, -1, -1).reshape(num_rows, 1, group * num_q, -1)
+    mask = torch.zeros(visible.shape, device=q_pos.device).masked_fill_(~visible, float("-inf"))
+    blind = ~visible.any(dim=-1)
+    return _KeyLayout(
+        blocks=batch.block_tables[rows, :num_blocks].reshape(-1).long(),
+        mask=mask,
+        blind=blind if bool(blind.any()) else None,
+    )
 
-    `index_select` rather than advanced indexing: on a busy CPU the latter's parallel loop can
-    wait a scheduler time slice for each call, even for a few blocks.
-    """
-    num_blocks = max(1, -(-max(batch.kv_lens_host[r] for r in rows) // k_cache.shape[1]))
-    rows = list(rows)
-    table = batch.block_tables[rows, :num_blocks].reshape(-1).long()
-    n, length = len(rows), num_blocks * k_cache.shape[1]
-    keys = k_cache.index_select(0, table).view(n, length, *k_cache.shape[2:]).transpose(1, 2)
-    values = v_cache.index_select(0, table).view(n, length, *v_cache.shape[2:]).transpose(1, 2)
-    offsets = torch.arange(length, device=k_cache.device)
-    k_pos = batch.kv_starts[rows, None] + offsets
-    k_valid = offsets < batch.kv_lens[rows, None]
-    return keys, values, k_pos, k_valid
+
+# ATen's fused CPU attention (the kernel behind SDPA on CPU), which also returns the LSE.
+_flash_attention_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def _attend(
-    q: Tensor,  # [B, kv_heads, group, Q, d]
-    k: Tensor,  # [B, kv_heads, L, d]
-    v: Tensor,  # [B, kv_heads, L, d]
-    q_pos: Tensor,  # [B, Q]
-    k_pos: Tensor,  # [B, L]
-    k_valid: Tensor,  # [B, L]
+    q: Tensor,  # [R, kv_heads, group * Q, d]
+    k_cache: Tensor,  # [num_blocks, block_size, kv_heads, d]
+    v_cache: Tensor,  # [num_blocks, block_size, kv_heads, d]
+    layout: _KeyLayout,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """Masked softmax attention in float32, one bmm per product over (row, kv head).
+    """Masked softmax attention in float32 over the layout's gathered keys, one (row, KV head)
+    at a time. Returns out [R, kv_heads, group * Q, d] and lse [R, kv_heads, group * Q].
 
-    Returns out [B, kv_heads, group, Q, d] and lse [B, kv_heads, group, Q].
+    On CPU, ATen's fused kernel: it reads each key once for all of a row's queries and launches
+    one parallel loop, where the same math in separate ops costs a dozen passes and loops a
+    layer (each of which, on a busy CPU, can wait a scheduler time slice). Elsewhere (this
+    reference on GPU, in tests) the same math spelled out.
     """
-    b, kv_heads, group, num_q, dim = q.shape
-    length = k.shape[2]
-    qf, kf, vf = q.float(), k.float(), v.float()
-    if num_q == 1:
-        # Decode: elementwise products and sums. CPU bmm splits even tiny batches over threads,
-        # and on a busy CPU each such split can wait a whole scheduler time slice.
-        scores = (qf * kf[:, :, None]).sum(-1, keepdim=True).transpose(-1, -2)
+    num_rows, kv_heads = q.shape[:2]
+    shape = (num_rows, -1, kv_heads, k_cache.shape[-1])  # [R, L, kv_heads, d]
+    keys = k_cache.index_select(0, layout.blocks).view(shape).transpose(1, 2).float()
+    values = v_cache.index_select(0, layout.blocks).view(shape).transpose(1, 2).float()
+    qf = q.float()
+    if qf.device.type == "cpu":
+        out, lse = _flash_attention_cpu(qf, keys, values, attn_mask=layout.mask, scale=scale)
     else:
-        scores = torch.bmm(qf.reshape(b * kv_heads, group * num_q, dim),
-                           kf.reshape(b * kv_heads, length, dim).transpose(1, 2))
-    scores = scores.view(b, kv_heads, group, num_q, length) * scale
-    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [B, Q, L]
-    scores.masked_fill_(~visible[:, None, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    if num_q == 1:
-        out = (probs.transpose(-1, -2) * vf[:, :, None]).sum(-2, keepdim=True)
-    else:
-        out = torch.bmm(probs.view(b * kv_heads, group * num_q, length),
-                        vf.reshape(b * kv_heads, length, dim))
-    return out.view(b, kv_heads, group, num_q, dim), lse
+        scores = torch.matmul(qf, keys.transpose(-1, -2)) * scale + layout.mask
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        out = torch.matmul(probs, values)
+    if layout.blind is not None:  # the fused kernel gives such queries out = 0 but lse = 0
+        lse = lse.masked_fill(layout.blind, float("-inf"))
+    return out, lse
 
 
 def merge(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -129,13 +131,15 @@ class Instance:
         self.last_batch_tokens = batch.total_tokens
         if not self.attention.begin_step(batch.requests, batch.num_tokens):
             return []
-        hidden, last_token_rows = self._forward(batch)
-        done = [r for r in batch.requests if r.num_uncomputed_tokens == 0]
-        if not done:
-            return []
-        rows = to_device([last_token_rows[r.request_id] for r in done], torch.long, self.device)
-        logits = self.model.compute_logits(hidden[rows])
-        result = self.sampler(logits, [r.params for r in done], [r.generator for r in done])
+        with _step_threads(self.device, batch.total_tokens):
+            hidden, last_token_rows = self._forward(batch)
+            done = [r for r in batch.requests if r.num_uncomputed_tokens == 0]
+            if not done:
+                return []
+            rows = to_device([last_token_rows[r.request_id] for r in done], torch.long,
+                             self.device)
+            logits = self.model.compute_logits(hidden[rows])
+            result = self.sampler(logits, [r.params for r in done], [r.generator for r in done])
         return [
             self._postprocess(r, token, logprobs)
             for r, token, logprobs in zip(done, result.token_ids, result.logprobs)
@@ -209,6 +213,28 @@ def build_instance(config: EngineConfig, rank: int, cluster: Cluster | None) -> 
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     return Instance(model, pool, tokenizer, config, frozenset(eos), rank, cluster)
+
+
+@contextmanager
+def _step_threads(device: torch.device, num_tokens: int) -> Iterator[None]:
+    """Run a one-token CPU step on one thread, then restore the thread count.
+
+    Its linears are matrix-vector products bound by reading the weights, which one core does as
+    fast as two (MKL keeps most of them on one thread anyway); its other ops are too small to gain
+    from a second thread, yet each one that enters a parallel region waits for both threads, which
+    on a CPU shared with other processes can cost a scheduler time slice per op (a 135M-parameter
+    model's decode step: ~70 ms on one thread, 500-980 ms on two under load). Steps of several
+    tokens are compute-bound enough for more threads to pay on an idle CPU, so they keep them.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or num_tokens != 1 or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _kv_budget_bytes(device: torch.device, fraction: float | None) -> int:

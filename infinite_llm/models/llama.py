@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infinite_llm.config import ModelConfig
-from infinite_llm.models.rope import RotaryEmbedding
+from infinite_llm.models.rope import RopeTable, RotaryEmbedding
 
 try:  # one-launch RMSNorm, RoPE and SiLU * up for CUDA tensors
     from infinite_llm.models import fused
@@ -79,17 +79,17 @@ class LlamaAttention(nn.Module):
         self.o_proj = _linear(self.q_size, hidden, o_bias, dtype, device)
         self.rotary = rotary
 
-    def forward(self, positions: Tensor, x: Tensor, attention: AttentionFn) -> Tensor:
+    def forward(self, rope: RopeTable, x: Tensor, attention: AttentionFn) -> Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if fused is not None and q.is_cuda:
-            fused.rotary_(positions, q, k, self.rotary.cos, self.rotary.sin)
-        else:
-            q, k = self.rotary(positions, q, k)
+        qk_size = self.q_size + self.kv_size
+        qk = qkv[:, :qk_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
+        if fused is not None and qk.is_cuda:
+            q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+            fused.rotary_(rope.positions, q, k, self.rotary.cos, self.rotary.sin)
+        else:  # q and k heads side by side: one rotation for both
+            q, k = rope.rotate(qk).split((self.num_heads, self.num_kv_heads), dim=1)
         out = attention(self.layer, q, k, v)  # [T, num_heads, head_dim]
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -126,8 +126,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
         self.mlp = LlamaMLP(config, dtype, device)
 
-    def forward(self, positions: Tensor, x: Tensor, attention: AttentionFn) -> Tensor:
-        h = self.self_attn(positions, self.input_layernorm(x), attention)
+    def forward(self, rope: RopeTable, x: Tensor, attention: AttentionFn) -> Tensor:
+        h = self.self_attn(rope, self.input_layernorm(x), attention)
         h += x  # residual; the add is commutative, so the same bits as transformers' x + h
         out = self.mlp(self.post_attention_layernorm(h))
         out += h
@@ -140,7 +140,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.utils.skip_init(
             nn.Embedding, config.vocab_size, config.hidden_size, dtype=dtype, device=device
         )
-        rotary = RotaryEmbedding(
+        self.rotary = RotaryEmbedding(
             config.head_dim,
             config.rope_theta,
             config.rope_scaling,
@@ -148,14 +148,16 @@ class LlamaModel(nn.Module):
             device,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(i, config, rotary, dtype, device) for i in range(config.num_layers)
+            LlamaDecoderLayer(i, config, self.rotary, dtype, device)
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn) -> Tensor:
         h = self.embed_tokens(input_ids)
+        rope = self.rotary.at(positions, h.dtype)  # the step's cos/sin, shared by every layer
         for layer in self.layers:
-            h = layer(positions, h, attention)
+            h = layer(rope, h, attention)
         return self.norm(h)
 
 

@@ -9,6 +9,7 @@ our greedy tokens can equal transformers' in bfloat16 too.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -73,14 +74,33 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_positions, head_dim // 2]
         self.register_buffer("sin", freqs.sin(), persistent=False)  # [max_positions, head_dim // 2]
 
+    def at(self, positions: Tensor, dtype: torch.dtype) -> RopeTable:
+        """The cos/sin rows of `positions` [T] in `dtype`, looked up once for every layer."""
+        cos = self.cos[positions].to(dtype)  # [T, D // 2]
+        sin = self.sin[positions].to(dtype)
+        return RopeTable(positions, torch.cat((cos, cos), dim=-1).unsqueeze(1),
+                         torch.cat((-sin, sin), dim=-1).unsqueeze(1))
+
     def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """positions [T], q [T, H, D], k [T, KVH, D] -> rotated (q, k) in their input dtype."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D // 2]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        table = self.at(positions, q.dtype)
+        return table.rotate(q), table.rotate(k)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """`x * cos + rotate_half(x) * sin` without building rotate_half; a + (-b) == a - b exactly."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+@dataclass(frozen=True, slots=True)
+class RopeTable:
+    """RoPE at one step's positions, shared by every layer of the step.
+
+    `x * cos + rotate_half(x) * sin` as transformers computes it, in two products and a sum over
+    whole heads: the first half's `x1 * cos + (-x2) * sin` is `x1 * cos + x2 * (-sin)` bit for bit
+    (negation is exact), so the sign lives in the table and rotate_half is a swap of halves.
+    """
+
+    positions: Tensor  # [T]
+    cos: Tensor  # [T, 1, D]: (cos, cos)
+    sin: Tensor  # [T, 1, D]: (-sin, sin)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        """x [T, heads, D] (any heads, e.g. q's and k's side by side) -> rotated x."""
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * self.cos + torch.cat((x2, x1), dim=-1) * self.sin
