@@ -64,13 +64,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """The device of this rank: "cuda" without an index means this machine's GPU number
+    LOCAL_RANK (set by torchrun and by `spawn_workers`), wrapping around when ranks outnumber
+    GPUs (several instances on one GPU)."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 def init_cluster(rank: int, world_size: int, device: torch.device, timeout_s: float,
                  backend: str) -> Cluster:
     """Join the job described by MASTER_ADDR / MASTER_PORT (set by us or by torchrun), with
     `backend` for the tensors."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(rank_device(device, rank))
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     return Cluster(rank, world_size, control or dist.group.WORLD, dist.group.WORLD)

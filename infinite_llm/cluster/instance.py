@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from infinite_llm.attention.dist import DistAttention, to_device
-from infinite_llm.cluster.comm import Cluster
+from infinite_llm.cluster.comm import Cluster, rank_device
 from infinite_llm.cluster.gmanager import Heartbeat
 from infinite_llm.cluster.messages import CreditorNotice, StepPlan, StepReport
 from infinite_llm.cluster.migration import migrate
@@ -192,9 +192,7 @@ def build_instance(config: EngineConfig, rank: int, cluster: Cluster | None) -> 
     """Load the model and tokenizer and size the KV pool for one instance."""
     path = resolve_model(config.model)
     device, dtype = config.torch_device, config.torch_dtype
-    if device.type == "cuda" and device.index is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = rank_device(device, rank)
     torch.manual_seed(config.seed)
     if cluster is not None and device.type == "cpu":  # ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cluster.world_size))
