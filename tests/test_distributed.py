@@ -15,10 +15,12 @@ import torch
 
 from infinite_llm import LLM, SamplingParams
 from infinite_llm.cluster.comm import WorkerError
-from infinite_llm.engine.engine import RequestError
+from infinite_llm.engine.engine import MigrationError, RequestError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 LONG = torch.randint(10, 49152, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+PAIR = [torch.randint(10, 49152, (48,), generator=torch.Generator().manual_seed(s)).tolist()
+        for s in (7, 8)]
 SHORT = [torch.randint(10, 49152, (n,), generator=torch.Generator().manual_seed(n)).tolist()
          for n in (3, 9, 5, 12, 7, 4)]
 
@@ -142,4 +144,48 @@ def test_migration_keeps_tokens_and_frees_blocks(llama_path: Path, reference) ->
             for out in engine.step():
                 tokens = out.outputs[0].token_ids
         assert tokens == reference["long"]
+        assert _all_free(llm)
+
+
+def test_migration_to_an_instance_without_room_is_refused(llama_path: Path) -> None:
+    for llm in _cluster(llama_path, 2, num_kv_blocks=12):
+        engine = llm.engine
+        engine.add_request(LONG, GREEDY, "long")  # 10 blocks of its owner after prefill
+        engine.add_request(SHORT[3], GREEDY, "short")  # placed on the other instance
+        engine.step()
+        owner = next(i for i, s in enumerate(llm.kv_stats()) if s.own >= 10)
+        assert llm.kv_stats()[1 - owner].free < 10
+        with pytest.raises(MigrationError, match=f"instance {1 - owner} has room for"):
+            engine.migrate("long", 1 - owner)
+        with pytest.raises(MigrationError, match="cannot migrate to instance 5"):
+            engine.migrate("long", 5)
+        engine.abort_request("long")
+        engine.abort_request("short")
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert _all_free(llm)
+
+
+def test_two_requests_too_large_to_run_together_both_finish(llama_path: Path) -> None:
+    # Each needs 48 + 8 tokens = 14 blocks of 4: more than one instance's 10, and together more
+    # than the cluster's 20. With prefill in chunks of 8 tokens, each used to get stuck halfway,
+    # preempt itself and hand its blocks to the other, which did the same: forever. Now the
+    # older one keeps its blocks and is lent first; the younger one waits.
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    one = LLM(str(llama_path), num_kv_blocks=64, block_size=4)
+    expected = [o.outputs[0].token_ids for o in one.generate(PAIR, params, use_tqdm=False)]
+    for llm in _cluster(llama_path, 2, num_kv_blocks=10, max_num_batched_tokens=8):
+        engine = llm.engine
+        for i, prompt in enumerate(PAIR):
+            engine.add_request(prompt, params, str(i))
+        tokens: dict[str, list[int]] = {}
+        for _ in range(300):  # ~40 steps when it works; a livelock never ends
+            if not engine.has_unfinished_requests():
+                break
+            for out in engine.step():
+                tokens[out.request_id] = out.outputs[0].token_ids
+            stats = llm.kv_stats()
+            assert all(s.free + s.own + s.lent == s.total for s in stats)
+        assert not engine.has_unfinished_requests(), "the two requests preempt each other"
+        assert [tokens["0"], tokens["1"]] == expected
         assert _all_free(llm)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
@@ -27,13 +28,15 @@ CONFIG = GManagerConfig(block_size=BS, efficient_batch_tokens=64, reserve_blocks
 
 def hb(instance: int, free: int, *, total: int = 64, running: int = 0, batch: int = 0,
        request_blocks: tuple[tuple[str, int], ...] = (), waiting: tuple[int, ...] = (),
-       prefill: int = 0, lent: int = 0) -> Heartbeat:
+       prefill: int = 0, lent: int = 0, lenders: tuple[int, ...] = (),
+       stalled: int = 0) -> Heartbeat:
     """A consistent heartbeat: `waiting` lists the queued requests' prompt lengths."""
     return Heartbeat(
         instance=instance, total_blocks=total, free_blocks=free, own_blocks=total - free - lent,
         lent_blocks=lent, borrowed_blocks=0, num_running=running, num_waiting=len(waiting),
         batch_tokens=batch, request_blocks=request_blocks, prefill_tokens=prefill,
-        waiting_tokens=sum(waiting), head_tokens=waiting[0] if waiting else 0)
+        waiting_tokens=sum(waiting), head_tokens=waiting[0] if waiting else 0, lenders=lenders,
+        num_stalled=stalled)
 
 
 def check_plan(gm: GManager, hbs: list[Heartbeat], new: list[NewRequest], plan: Plan) -> None:
@@ -103,6 +106,54 @@ def test_random_clusters_keep_every_invariant(cluster, rnd: random.Random) -> No
     rnd.shuffle(shuffled)
     assert gm.plan(shuffled, new) == plan, "heartbeat order changed the plan"
     assert GManager(CONFIG).plan(hbs, new) == plan, "same input, different plan"
+    senior = rnd.randrange(len(hbs))
+    for policy in (gm, GManager(dataclasses.replace(CONFIG, lend_to_running=False))):
+        plan = policy.plan(hbs, new, senior)
+        check_plan(policy, hbs, new, plan)
+        assert policy.plan(shuffled, new, senior) == plan, "heartbeat order changed the plan"
+
+
+def test_senior_instance_is_lent_to_before_younger_queues() -> None:
+    """Both instances run one request that has outgrown its memory and stalled, and hold a
+    younger one in the queue: neither has credit, so without seniority nobody lends. The
+    instance owning the oldest request is lent the other's free blocks (what its running
+    request needs, its queue aside); the lender is no debtor in this plan."""
+    hbs = [hb(0, 3, running=1, batch=8, prefill=160, waiting=(300,), stalled=1),
+           hb(1, 8, running=1, batch=8, prefill=160, waiting=(400,), stalled=1)]
+    gm = GManager(CONFIG)
+    assert gm.plan(hbs, []).leases == ()
+    plan = gm.plan(hbs, [], senior=0)
+    check_plan(gm, hbs, [], plan)
+    assert plan.leases == (Lease(debtor=0, creditor=1, num_blocks=6),)  # all but the reserve
+    # instance 1's running request needs 11 blocks, 3 more than it has; 0 can spare 1
+    assert gm.plan(hbs, [], senior=1).leases == (Lease(debtor=1, creditor=0, num_blocks=1),)
+    calm = [hb(0, 3, running=1, batch=8, prefill=160, waiting=(300,)), hbs[1]]
+    assert gm.plan(calm, [], senior=0).leases == (), "not stuck: no priority"
+
+
+def test_without_lending_to_running_only_idle_debtors_and_the_senior_borrow() -> None:
+    """Instances with requests running get only what they were promised (the rest of a
+    prompt admitted on a lease), not leases for their queues."""
+    hbs = [hb(0, 0, running=4, batch=4, waiting=(192,)),  # debt 16, running
+           hb(1, 0, waiting=(200,)),  # debt 13, nothing running
+           hb(2, 0, running=1, batch=8, prefill=64, stalled=1),  # stuck: debt 5
+           hb(3, 40, batch=8),  # spare 38
+           hb(4, 0, running=1, batch=16, prefill=48, waiting=(64,))]  # admitted: owed 3
+    gm = GManager(GManagerConfig(block_size=BS, efficient_batch_tokens=64, reserve_blocks=2,
+                                 lend_to_running=False))
+    plan = gm.plan(hbs, [], senior=2)
+    check_plan(gm, hbs, [], plan)
+    assert plan.leases == (Lease(2, 3, 5), Lease(1, 3, 13), Lease(4, 3, 3))
+
+
+def test_debtor_borrows_from_its_lenders_first() -> None:
+    """A debtor already borrowing from instance 2 grows there before taking the larger credit,
+    so a long request keeps one segment per creditor."""
+    hbs = [hb(0, 0, running=4, batch=4, waiting=(192,), lenders=(2,)),  # debt 16
+           hb(1, 32, batch=8),  # spare 30
+           hb(2, 12, batch=8)]  # spare 10
+    plan = GManager(CONFIG).plan(hbs, [])
+    assert plan.leases == (Lease(0, 2, 10), Lease(0, 1, 6))
 
 
 def test_largest_debt_paired_with_largest_credit() -> None:

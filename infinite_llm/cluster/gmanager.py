@@ -25,7 +25,24 @@ give the same plan whatever the order of the heartbeats. The policy, in the orde
    instances whose heads all exceed one instance a little would wait on each other forever.
 6. **Leases**: largest debt first (after the stranded), each covered whole from the largest
    credits, several if need be, since a queue head needs its whole prompt; debts the credit
-   can't cover share the rest in a second pass. A (debtor, creditor) pair appears at most once.
+   can't cover share the rest in a second pass. A debtor borrows first from the creditors that
+   already host its KV (its `lenders`, sticky): a long request grows one segment per creditor
+   instead of a new one each time the largest credit moves. A (debtor, creditor) pair appears
+   at most once.
+7. **Without `lend_to_running`** (where exchanging costs more than the batch it adds): nothing
+   migrates, and an instance with requests running is lent only what it was promised (the rest
+   of prompts admitted on a lease; decode growth of requests already borrowing). Idle instances
+   and the senior are lent to as above.
+
+**Seniority** comes before all of it (pooling only): when the instance owning the cluster's
+oldest request (`senior`, from the caller, who knows arrival order) is stuck (a running request
+found no block, or nothing runs), it is lent what its running requests need (or its queue head,
+if none runs) from every other instance's free memory, whatever those instances' own queues
+want, since they only serve younger requests; an instance that lends to it is not a debtor in
+this plan. Without this, two requests that each outgrow one instance and together
+outgrow the cluster take each other's blocks forever (each preempts itself when stuck, frees,
+and the other one's owner is left with no credit to borrow). The engine's scheduler never
+preempts the oldest request, so it holds what it gets and finishes; then the next oldest does.
 """
 
 from __future__ import annotations
@@ -53,6 +70,8 @@ class Heartbeat:
     prefill_tokens: int = 0  # prompt tokens of running requests that no KV slot holds yet
     waiting_tokens: int = 0  # tokens to compute for the whole waiting queue
     head_tokens: int = 0  # tokens to compute for the first waiting request
+    lenders: tuple[int, ...] = ()  # instances hosting our requests' KV, most blocks first
+    num_stalled: int = 0  # running requests that found no block in the last step
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +128,12 @@ class GManagerConfig:
     queue_window_tokens: int = 256  # queued tokens the next steps admit (>= the queue head)
     max_migrations: int = 2  # per plan
     min_migration_blocks: int = 4  # smaller requests are not worth moving
+    # False where a step in which anyone computes over remote KV costs the cluster more than
+    # the batch a lease adds (lockstep instances on CPU over gloo: such a step costs every
+    # instance two all_to_alls per layer, ~3 busy instances' work): then only instances with
+    # nothing running and the senior borrow, so that pooling serves what one instance can't
+    # hold without making ordinary steps exchange.
+    lend_to_running: bool = True
     pooling: bool = True  # False: placements only (static mode, independent replicas)
 
     def __post_init__(self) -> None:
@@ -140,7 +165,10 @@ class GManager:
         tokens = hb.num_running * cfg.lookahead_tokens + hb.prefill_tokens + queued
         return -(-tokens // cfg.block_size)
 
-    def plan(self, heartbeats: Sequence[Heartbeat], new_requests: Sequence[NewRequest]) -> Plan:
+    def plan(self, heartbeats: Sequence[Heartbeat], new_requests: Sequence[NewRequest],
+             senior: int | None = None) -> Plan:
+        """The plan for the next step; `senior` is the instance owning the cluster's oldest
+        unfinished request (None: no seniority)."""
         hbs = sorted(heartbeats, key=lambda h: h.instance)
         if len({h.instance for h in hbs}) != len(hbs):
             raise ValueError("two heartbeats for one instance")
@@ -153,9 +181,17 @@ class GManager:
         if not self.config.pooling:
             return Plan(placements=placements)
         debts, credits = self._ledger(hbs, placed)
-        migrations = self._migrate(hbs, debts, credits)
-        first = self._unstrand(hbs, debts, credits)
-        return Plan(placements, self._lease(debts, credits, first), migrations)
+        free = {h.instance: h.free_blocks for h in hbs}
+        leases = self._serve_senior(hbs, senior, placed, debts, credits, free)
+        migrations: tuple[Migration, ...] = ()
+        if self.config.lend_to_running:
+            migrations = self._migrate(hbs, debts, credits)
+        else:
+            self._keep_promises(hbs, debts, free)
+        first = self._unstrand(hbs, debts, credits, free, {lease.debtor for lease in leases})
+        lenders = {h.instance: h.lenders for h in hbs}
+        leases += self._lease(debts, credits, first, lenders)
+        return Plan(placements, _merge(leases), migrations)
 
     def _place(self, hbs: list[Heartbeat], new_requests: Sequence[NewRequest],
                placed: dict[int, list[int]]) -> tuple[Placement, ...]:
@@ -188,6 +224,63 @@ class GManager:
                     credits[h.instance] = spare
         return debts, credits
 
+    def _serve_senior(self, hbs: list[Heartbeat], senior: int | None,
+                      placed: dict[int, list[int]], debts: dict[int, int],
+                      credits: dict[int, int], free: dict[int, int]) -> list[Lease]:
+        """Lend a stuck senior instance what its running requests (or its queue head) lack,
+        from the instances it already borrows from, then the most free; lenders stop being
+        debtors."""
+        if senior not in debts:
+            return []
+        cfg = self.config
+        h = next(h for h in hbs if h.instance == senior)
+        if h.num_running:
+            if not h.num_stalled:
+                return []
+            tokens = h.num_running * cfg.lookahead_tokens + h.prefill_tokens
+        else:
+            tokens = h.head_tokens if h.num_waiting else sum(placed.get(senior, [])[:1])
+        need = min(debts[senior], -(-tokens // cfg.block_size) - h.free_blocks)
+        others = sorted((i for i in free if i != senior), key=lambda i: (-free[i], i))
+        sticky = [i for i in h.lenders if i in free and i != senior]
+        leases = []
+        for creditor in dict.fromkeys(sticky + others):
+            if need <= 0:
+                break
+            n = min(need, free[creditor] - cfg.reserve_blocks)
+            if n <= 0:
+                continue
+            leases.append(Lease(senior, creditor, n))
+            need -= n
+            debts[senior] -= n
+            free[creditor] -= n
+            debts.pop(creditor, None)
+            spare = min(credits.get(creditor, 0), free[creditor] - cfg.reserve_blocks)
+            if spare > 0:
+                credits[creditor] = spare
+            else:
+                credits.pop(creditor, None)
+        if debts[senior] <= 0:
+            del debts[senior]
+        return leases
+
+    def _keep_promises(self, hbs: list[Heartbeat], debts: dict[int, int],
+                       free: dict[int, int]) -> None:
+        """Without lending to running instances, an instance with requests running owes only
+        what it was promised: the unheld rest of prompts admitted on a lease, and the decode
+        growth of requests already on borrowed blocks (their steps exchange anyway). Else a
+        long request admitted on a one-step lease finds no block for its next chunk."""
+        cfg = self.config
+        for h in hbs:
+            if h.instance not in debts or not h.num_running:
+                continue
+            growth = h.num_running * cfg.lookahead_tokens if h.borrowed_blocks else 0
+            owed = -(-(h.prefill_tokens + growth) // cfg.block_size) - free[h.instance]
+            if owed > 0:
+                debts[h.instance] = min(debts[h.instance], owed)
+            else:
+                del debts[h.instance]
+
     def _migrate(self, hbs: list[Heartbeat], debts: dict[int, int],
                  credits: dict[int, int]) -> tuple[Migration, ...]:
         """Move a blocked debtor's largest request that fits the largest credit there."""
@@ -213,10 +306,12 @@ class GManager:
                 target = min(credits, key=lambda i: (-credits[i], i), default=None)
         return tuple(migrations)
 
-    def _unstrand(self, hbs: list[Heartbeat], debts: dict[int, int],
-                  credits: dict[int, int]) -> list[int]:
-        """Stranded debtors to serve first; turns the furthest-from-running ones into creditors."""
-        idle = {h.instance: h.free_blocks for h in hbs if h.num_running == 0}
+    def _unstrand(self, hbs: list[Heartbeat], debts: dict[int, int], credits: dict[int, int],
+                  free: dict[int, int], borrowers: set[int]) -> list[int]:
+        """Stranded debtors to serve first; turns the furthest-from-running ones into creditors
+        (never one already lent to in this plan: the senior)."""
+        idle = {h.instance: free[h.instance] for h in hbs
+                if h.num_running == 0 and h.instance not in borrowers}
         stranded = sorted((i for i in debts if i in idle), key=lambda i: (debts[i], i))
         pool = sum(credits.values())
         first = []
@@ -235,11 +330,12 @@ class GManager:
             pool -= debts[debtor]
         return first
 
-    def _lease(self, debts: dict[int, int], credits: dict[int, int],
-               first: list[int]) -> tuple[Lease, ...]:
-        """Cover whole debts from the largest credits, `first` then largest debt first; then
-        spread the rest over the debts left uncovered."""
-        heap = [(-c, i) for i, c in credits.items() if c > 0]
+    def _lease(self, debts: dict[int, int], credits: dict[int, int], first: list[int],
+               lenders: dict[int, tuple[int, ...]]) -> list[Lease]:
+        """Cover whole debts, `first` then largest debt first, from the debtor's own lenders and
+        then the largest credits; then spread the rest over the debts left uncovered."""
+        credits = {i: c for i, c in credits.items() if c > 0}
+        heap = [(-c, i) for i, c in credits.items()]
         heapq.heapify(heap)
         total = sum(credits.values())
         leases: list[Lease] = []
@@ -252,22 +348,44 @@ class GManager:
             if debts[debtor] > total:
                 skipped.append(debtor)
                 continue
-            total -= self._cover(debtor, debts[debtor], heap, leases)
+            total -= _cover(debtor, debts[debtor], lenders[debtor], credits, heap, leases)
         for debtor in skipped:
             if total == 0:
                 break
-            total -= self._cover(debtor, min(debts[debtor], total), heap, leases)
-        return tuple(leases)
+            total -= _cover(debtor, min(debts[debtor], total), lenders[debtor], credits, heap,
+                            leases)
+        return leases
 
-    @staticmethod
-    def _cover(debtor: int, amount: int, heap: list[tuple[int, int]], leases: list[Lease]) -> int:
-        """Lease `amount` blocks to the debtor from the largest credits in the heap."""
-        left = amount
-        while left and heap:
-            neg_credit, creditor = heapq.heappop(heap)
-            n = min(left, -neg_credit)
-            leases.append(Lease(debtor, creditor, n))
-            left -= n
-            if -neg_credit > n:
-                heapq.heappush(heap, (neg_credit + n, creditor))
-        return amount - left
+
+def _cover(debtor: int, amount: int, sticky: tuple[int, ...], credits: dict[int, int],
+           heap: list[tuple[int, int]], leases: list[Lease]) -> int:
+    """Lease up to `amount` blocks to the debtor from its `sticky` lenders, then the largest
+    credits. `heap` holds (-credit, creditor) entries; one whose credit has since changed is
+    stale and skipped (the current one was pushed when it changed)."""
+    left = amount
+
+    def take(creditor: int, n: int) -> None:
+        nonlocal left
+        leases.append(Lease(debtor, creditor, n))
+        left -= n
+        credits[creditor] -= n
+        if credits[creditor]:
+            heapq.heappush(heap, (-credits[creditor], creditor))
+
+    for creditor in sticky:
+        if left and credits.get(creditor, 0) > 0:
+            take(creditor, min(left, credits[creditor]))
+    while left and heap:
+        neg_credit, creditor = heapq.heappop(heap)
+        if credits.get(creditor) == -neg_credit:
+            take(creditor, min(left, -neg_credit))
+    return amount - left
+
+
+def _merge(leases: list[Lease]) -> tuple[Lease, ...]:
+    """One lease per (debtor, creditor) pair, in order of first appearance."""
+    blocks: dict[tuple[int, int], int] = {}
+    for lease in leases:
+        key = (lease.debtor, lease.creditor)
+        blocks[key] = blocks.get(key, 0) + lease.num_blocks
+    return tuple(Lease(d, c, n) for (d, c), n in blocks.items())

@@ -61,7 +61,7 @@ class Instance:
     def run(self, plan: StepPlan) -> StepReport:
         """One lockstep step: the plan's changes, a step of the model, then what rank 0 needs."""
         deltas = self.apply(plan)
-        deltas.extend(self.step(plan.can_borrow))
+        deltas.extend(self.step(plan.can_borrow, plan.senior))
         notices = tuple(CreditorNotice(self.rank, creditor, update)
                         for creditor, update in self.rmanager.end_step().items())
         return StepReport(tuple(deltas), self.heartbeat(), notices,
@@ -119,6 +119,8 @@ class Instance:
             request_blocks=self.rmanager.own_blocks_by_request(), prefill_tokens=unheld,
             waiting_tokens=sum(r.num_tokens for r in waiting),
             head_tokens=waiting[0].num_tokens if waiting else 0,
+            lenders=self.rmanager.lenders(),
+            num_stalled=self.scheduler.num_stalled,
         )
 
     @property
@@ -126,8 +128,8 @@ class Instance:
         return self.scheduler.num_unfinished
 
     @torch.inference_mode()
-    def step(self, can_borrow: bool = False) -> list[RequestDelta]:
-        batch = self.scheduler.schedule(can_borrow)
+    def step(self, can_borrow: bool = False, senior: str | None = None) -> list[RequestDelta]:
+        batch = self.scheduler.schedule(can_borrow, senior)
         self.last_batch_tokens = batch.total_tokens
         if not self.attention.begin_step(batch.requests, batch.num_tokens):
             return []

@@ -41,6 +41,7 @@ class StepPlan:
     leases: tuple[Lease, ...] = ()
     migrations: tuple[Migration, ...] = ()
     can_borrow: bool = False  # some instance has spare blocks: wait for a lease, don't preempt
+    senior: str | None = None  # the cluster's oldest unfinished request: never preempted
     shutdown: bool = False
 
 

@@ -45,6 +45,10 @@ class RequestError(ValueError):
     """A request cannot be served as asked (empty, too long, duplicate id, no tokenizer...)."""
 
 
+class MigrationError(RequestError):
+    """A migration asked of `LLMEngine.migrate` can't be done (no such target, or no room)."""
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -66,7 +70,7 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(sum(capacity) if pooled else min(capacity))
         self.gmanager = GManager(GManagerConfig(
             block_size=config.block_size, efficient_batch_tokens=config.max_num_batched_tokens,
-            pooling=pooled))
+            pooling=pooled, lend_to_running=config.torch_device.type != "cpu"))
         self.outputs: dict[str, RequestOutput] = {}
         self._pending: list[AssignedRequest] = []  # placed by the next plan
         self._aborts: list[str] = []
@@ -235,29 +239,39 @@ class LLMEngine:
         freed: dict[int, int] = {}
         for notice in self._notices:
             freed[notice.creditor] = freed.get(notice.creditor, 0) + notice.update.num_blocks
+        for m in self._migrations:  # asked for by hand: their room is taken already
+            freed[m.target] = freed.get(m.target, 0) - m.num_blocks
         heartbeats = [dataclasses.replace(h, free_blocks=h.free_blocks + freed.get(h.instance, 0),
                                           lent_blocks=h.lent_blocks - freed.get(h.instance, 0))
                       for h in self.heartbeats]
         new = [NewRequest(a.request_id, len(a.prompt_token_ids), a.max_tokens)
                for a in self._pending]
-        decision = self.gmanager.plan(heartbeats, new)
+        senior = next((rid for rid in self.outputs if rid in self._owners), None)
+        decision = self.gmanager.plan(heartbeats, new, self._owners.get(senior))
         self._owners.update((p.request_id, p.instance) for p in decision.placements)
         requests = tuple(dataclasses.replace(a, owner=self._owners[a.request_id])
                          for a in self._pending)
         migrations = decision.migrations + tuple(self._migrations)
         self._migrations = []
         return StepPlan(requests, tuple(self._aborts), tuple(self._notices), decision.leases,
-                        migrations, self._has_spare(heartbeats, decision.leases))
+                        migrations, self._has_spare(heartbeats, decision.leases), senior)
 
     def migrate(self, request_id: str, target: int) -> None:
         """Move the request's KV blocks on its owner to `target` at the next step (the
-        gManager does this on its own when an owner is short of memory)."""
+        gManager does this on its own when an owner is short of memory). Raises
+        MigrationError when the target's free blocks, less those promised to migrations already
+        asked for, can't hold the request's blocks on its owner."""
         owner = self._owners.get(request_id)
         if owner is None or request_id not in self.outputs:
             raise RequestError(f"request {request_id!r} is not running")
         if not 0 <= target < len(self.heartbeats) or target == owner:
-            raise RequestError(f"cannot migrate to instance {target}")
+            raise MigrationError(f"cannot migrate to instance {target}")
         held = dict(self.heartbeats[owner].request_blocks).get(request_id, 0)
+        room = self.heartbeats[target].free_blocks - sum(
+            m.num_blocks for m in self._migrations if m.target == target)
+        if held > room:
+            raise MigrationError(f"request {request_id!r} holds {held} blocks on instance "
+                                 f"{owner}; instance {target} has room for {room}")
         self._migrations.append(Migration(request_id, owner, target, held))
 
     def _apply(self, delta: RequestDelta) -> RequestOutput:
@@ -271,8 +285,9 @@ class LLMEngine:
     def _has_spare(self, heartbeats: list[Heartbeat], leases: tuple[Lease, ...]) -> bool:
         """Whether some instance still has free blocks after these leases (so a debtor that
         runs short should wait for the next lease rather than preempt)."""
-        if self.cluster is None or self.config.kv_mode == "static":
-            return False
+        policy = self.gmanager.config
+        if self.cluster is None or not (policy.pooling and policy.lend_to_running):
+            return False  # static, or only idle instances and the senior are lent to
         lent = {h.instance: 0 for h in heartbeats}
         for lease in leases:
             lent[lease.creditor] += lease.num_blocks

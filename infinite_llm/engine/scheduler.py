@@ -2,9 +2,16 @@
 
 The scheduler speaks in token counts: each running request wants its uncomputed tokens (a whole
 or partial prompt, or the one token sampled last step), and a step's batch gives each request a
-share of the token budget. Running requests go first, in arrival order; when the rManager has no
-block for one, the most recently admitted request is preempted (its KV freed, recomputed later).
-Waiting requests are admitted only in steps without preemption, while budget and seats remain.
+share of the token budget. Running requests go first, the cluster's oldest (`senior`) before the
+rest, then in order; when the rManager has no block for one, the most recently admitted request
+behind it is preempted (its KV freed, recomputed later), or it preempts itself if none is.
+The senior request is never preempted: with none behind it, it waits for blocks (the gManager
+lends its owner first), so two requests too large to run together can't preempt each other
+forever. Waiting requests are admitted only in steps without preemption, while budget and
+seats remain, and only while the blocks this instance can take now (free and leased) cover the
+newcomer's whole remaining prompt, the unheld rest of running prefills and one block of decode
+growth per running request (the headroom vLLM keeps with its watermark): a request admitted on
+its first chunk alone would be preempted a few chunks later, its work thrown away.
 The scheduler moves requests between queues; the rManager owns their blocks.
 """
 
@@ -44,6 +51,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_stalled = 0  # running requests that found no block in the last step
 
     @property
     def num_unfinished(self) -> int:
@@ -52,22 +60,26 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def schedule(self, can_borrow: bool = False) -> ScheduledBatch:
+    def schedule(self, can_borrow: bool = False, senior: str | None = None) -> ScheduledBatch:
         """The step's batch. With `can_borrow` (another instance has spare blocks), a running
         request that finds no block waits for the lease the gManager grants from this
         instance's heartbeat instead of preempting anyone, for at most MAX_STALLED_STEPS steps
-        in a row (the gManager may keep the blocks for their owner's own queue)."""
+        in a row (the gManager may keep the blocks for their owner's own queue). The `senior`
+        request (by id) goes first and waits as long as it takes."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        self.num_stalled = 0
         preempted = False
-        queue = deque(self.running)
+        queue = deque(_senior_first(self.running, senior))
         self.running = []
         while queue and budget > 0:
             request = queue.popleft()
             n = min(request.num_uncomputed_tokens, budget)
             while not self.rmanager.reserve(request, n):
-                if can_borrow and request.num_stalled_steps < MAX_STALLED_STEPS:
+                waits = can_borrow and request.num_stalled_steps < MAX_STALLED_STEPS
+                if waits or (request.request_id == senior and not queue):  # senior: no self-preempt
                     request.num_stalled_steps += 1
+                    self.num_stalled += 1
                     self.running.append(request)
                     break
                 if not queue:  # nobody left to preempt but itself
@@ -82,11 +94,14 @@ class Scheduler:
                 batch.add(request, n)
                 budget -= n
         self.running.extend(queue)  # not reached for budget: they keep their place
+        self.waiting = deque(_senior_first(self.waiting, senior))
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.max_num_seqs:
                 break
             request = self.waiting[0]
             n = min(request.num_uncomputed_tokens, budget)
+            if request.request_id != senior and not self._fits(request):
+                break
             if not self.rmanager.reserve(request, n):
                 break
             self.waiting.popleft()
@@ -95,6 +110,15 @@ class Scheduler:
             batch.add(request, n)
             budget -= n
         return batch
+
+    def _fits(self, request: Request) -> bool:
+        """Whether the blocks this instance can take now cover the request's whole remaining
+        prompt, what running requests still need for theirs, and a block per running request
+        for its next decodes."""
+        rm = self.rmanager
+        committed = sum(rm.blocks_needed(r, r.num_uncomputed_tokens) + 1 for r in self.running)
+        return rm.blocks_needed(request, request.num_uncomputed_tokens) + committed \
+            <= rm.available_blocks()
 
     def _preempt(self, request: Request) -> None:
         self.rmanager.free(request)
@@ -109,3 +133,9 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.rmanager.free(request)
+
+
+def _senior_first(requests: list[Request] | deque[Request], senior: str | None) -> list[Request]:
+    """The requests with the senior one (if among them) moved to the front, the rest in order."""
+    head = [r for r in requests if r.request_id == senior]
+    return head + [r for r in requests if r.request_id != senior] if head else list(requests)

@@ -56,7 +56,7 @@ class RManager:
         self._set_aside: dict[int, list[int]] = defaultdict(list)  # debtor -> unused lease blocks
         self._hosted: dict[tuple[int, str], list[Segment]] = {}  # (owner, request id) -> KV here
         self._room: dict[int, int] = defaultdict(int)  # creditor -> blocks we may still place there
-        self._borrowed = 0
+        self._borrowed: dict[int, int] = defaultdict(int)  # creditor -> our blocks there
         self._freed: dict[int, list[str]] = defaultdict(list)  # creditor -> to tell it
         self._freed_blocks: dict[int, int] = defaultdict(int)
         self._released: dict[int, int] = defaultdict(int)
@@ -94,7 +94,7 @@ class RManager:
                 self._own[request.request_id] = self._own.get(request.request_id, 0) + n
             else:
                 self._room[instance] -= n
-                self._borrowed += n
+                self._borrowed[instance] += n
         return True
 
     def _placement(self, request: Request, needed: int) -> list[tuple[int, int]] | None:
@@ -123,12 +123,16 @@ class RManager:
             if segment.instance == self.instance:
                 self.pool.free(segment.blocks)
             else:
-                self._borrowed -= segment.num_blocks
+                self._borrowed[segment.instance] -= segment.num_blocks
                 self._freed_blocks[segment.instance] += segment.num_blocks
                 if request.request_id not in self._freed[segment.instance]:
                     self._freed[segment.instance].append(request.request_id)
         self._own.pop(request.request_id, None)
         request.segments.clear()
+
+    def available_blocks(self) -> int:
+        """Blocks our requests can take now: free here plus unused lease room elsewhere."""
+        return self.pool.num_free + sum(self._room.values())
 
     def receive_lease(self, creditor: int, num_blocks: int) -> None:
         self._room[creditor] += num_blocks
@@ -157,7 +161,7 @@ class RManager:
         for segment in moved:
             self.pool.free(segment.blocks)
             self._own[request.request_id] -= segment.num_blocks
-            self._borrowed += segment.num_blocks
+            self._borrowed[target] += segment.num_blocks
         if not self._own[request.request_id]:
             del self._own[request.request_id]
         for segment in moved:
@@ -208,6 +212,12 @@ class RManager:
         """(request id, blocks of it held here) for the requests we own, largest first."""
         return tuple(sorted(self._own.items(), key=lambda item: (-item[1], item[0])))
 
+    def lenders(self) -> tuple[int, ...]:
+        """Instances hosting KV of our requests, most blocks first (the gManager leases from
+        them first, so a long request keeps growing the segments it has)."""
+        held = [(-n, c) for c, n in self._borrowed.items() if n > 0]
+        return tuple(c for _, c in sorted(held))
+
     def stats(self) -> KVStats:
         lent = sum(len(b) for b in self._set_aside.values())
         lent += sum(s.num_blocks for segments in self._hosted.values() for s in segments)
@@ -216,5 +226,5 @@ class RManager:
             free=self.pool.num_free,
             own=sum(self._own.values()),
             lent=lent,
-            borrowed=self._borrowed,
+            borrowed=sum(self._borrowed.values()),
         )

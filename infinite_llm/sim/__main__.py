@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--plan-interval", type=float, default=0.02, help="seconds between plans")
     p.add_argument("--lockstep", action="store_true",
                    help="step all instances together with the engine's scheduler rules")
+    p.add_argument("--lend-to-running", action=argparse.BooleanOptionalAction, default=True,
+                   help="lease to instances that have requests running (the engine on CPU "
+                        "doesn't: GManagerConfig.lend_to_running)")
     p.add_argument("--plots", default="docs", help="folder for PNGs ('' for none)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -85,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             cfg = SimConfig(num_instances=n, mode=mode, blocks_per_instance=a.blocks,
                             block_size=a.block_size, max_batched_tokens=a.max_batched_tokens,
                             max_num_seqs=a.max_seqs, plan_interval_s=a.plan_interval,
-                            **engine_rules)
+                            lend_to_running=a.lend_to_running, **engine_rules)
             m = metrics((simulate_lockstep if a.lockstep else simulate)(cfg, cost, trace))
             logger.info("%d instances %s: %d requests in %.1f s wall", n, mode, m.requests,
                         m.wall_s)

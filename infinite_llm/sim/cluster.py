@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 MODES = ("pooled", "static")
 _PLAN = -1  # heap entry kind: a gManager tick rather than an instance's step end
+_DONE = (Status.FINISHED, Status.REJECTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,7 @@ class SimConfig:
     max_migrations: int = 2
     max_stall_steps: int = 8
     efficient_batch_tokens: int | None = None  # None: from the cost model
+    lend_to_running: bool = True  # GManagerConfig.lend_to_running
     stuck_after_s: float = 600.0  # raise if nothing ran for this long with requests in flight
 
     def __post_init__(self) -> None:
@@ -98,7 +100,8 @@ class Simulator:
             block_size=config.block_size,
             efficient_batch_tokens=config.efficient_batch_tokens or cost.efficient_batch_tokens(),
             reserve_blocks=config.reserve_blocks, lookahead_tokens=config.lookahead_tokens,
-            max_migrations=config.max_migrations, pooling=config.mode == "pooled"))
+            max_migrations=config.max_migrations, pooling=config.mode == "pooled",
+            lend_to_running=config.lend_to_running))
         self.dirty: set[int] = set()
         self.ledger = BlockLedger(n, config.blocks_per_instance, config.block_size, self.dirty)
         self.instances = [SimInstance(i, config.max_batched_tokens, config.max_num_seqs,
@@ -109,6 +112,7 @@ class Simulator:
         self._heap: list[tuple[float, int, int]] = []
         self._seq = 0
         self._next_arrival = 0
+        self._oldest = 0  # no request before this index is in flight
         self._in_flight = 0
         self._last_step_s = 0.0
         self._kv_block_bytes = cost.kv_bytes_per_token * config.block_size
@@ -154,7 +158,7 @@ class Simulator:
         for i in self.dirty:
             self._heartbeats[i] = self.instances[i].heartbeat(ledger)
         self.dirty.clear()
-        plan = self.gmanager.plan(self._heartbeats, new)
+        plan = self.gmanager.plan(self._heartbeats, new, self._senior())
         res.num_plans += 1
         wake = set(self._idle_with_work)
         for p in plan.placements:
@@ -185,6 +189,21 @@ class Simulator:
             self._push(t + self.config.plan_interval_s, _PLAN)
         elif self._next_arrival < len(self.requests):
             self._push(self._tick_after(t, self.requests[self._next_arrival].arrival_s), _PLAN)
+
+    def _senior(self) -> int | None:
+        """The owner of the oldest request in flight (placed, not finished), as the engine
+        tells the gManager."""
+        reqs = self.requests
+        while self._oldest < len(reqs) and reqs[self._oldest].status in _DONE:
+            self._oldest += 1
+        return reqs[self._oldest].owner if self._oldest < len(reqs) else None
+
+    def senior_id(self) -> str | None:
+        """The id of the oldest request in flight, if placed (`_senior` called first)."""
+        reqs = self.requests
+        if self._oldest < len(reqs) and reqs[self._oldest].owner is not None:
+            return reqs[self._oldest].request_id
+        return None
 
     def _step(self, i: int, t: float) -> None:
         """Instance i's step ends at t (or it wakes at t): account it and start the next one."""

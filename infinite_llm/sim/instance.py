@@ -39,6 +39,7 @@ class SimInstance:
         self.busy = False  # a step end is scheduled
         self.extra_s = 0.0  # work for others (remote attention, migrations) paid in our next step
         self.stalled_steps = 0
+        self.num_stalled = 0  # running requests that found no block in the last step
         self.num_preemptions = 0
         self.num_sampled = 0  # output tokens sampled so far
 
@@ -64,6 +65,7 @@ class SimInstance:
                 batch.append((req, n))
                 budget -= n
             i += 1
+        self.num_stalled = i - len(batch)
         if not batch and running:
             self.stalled_steps += 1
             if self.stalled_steps > self.max_stall_steps:
@@ -132,7 +134,11 @@ class SimInstance:
         head = self.waiting[0].num_uncomputed if self.waiting else 0
         prefill = 0  # admission reserved whole prompts: count only what blocks don't yet hold
         held = []
+        lenders: dict[int, int] = {}
         for r in self.running:
+            for j, b in r.blocks.items():
+                if j != me:
+                    lenders[j] = lenders.get(j, 0) + b
             if r.num_uncomputed > 1:
                 prefill += max(0, r.prompt_len + r.num_output - r.num_blocks * ledger.block_size)
             n = r.blocks.get(me)
@@ -145,4 +151,5 @@ class SimInstance:
             borrowed_blocks=ledger.borrowed[me], num_running=len(self.running),
             num_waiting=len(self.waiting), batch_tokens=self.batch_tokens,
             request_blocks=tuple(held), prefill_tokens=prefill, waiting_tokens=waiting,
-            head_tokens=head)
+            head_tokens=head, lenders=tuple(sorted(lenders, key=lambda j: (-lenders[j], j))),
+            num_stalled=self.num_stalled)

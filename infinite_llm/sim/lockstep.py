@@ -4,12 +4,14 @@
 request only when blocks for its whole prompt are free. The engine (ARCHITECTURE.md, "One engine
 step") instead plans before every step, steps all instances together, and its scheduler
 (`infinite_llm.engine.scheduler`) reserves blocks one chunk at a time: a request is admitted when
-its first chunk fits, a running request that finds no block waits up to `MAX_STALLED_STEPS`
+its whole remaining prompt fits beside the running requests' headroom, the cluster's oldest
+request goes first, a running request that finds no block waits up to `MAX_STALLED_STEPS`
 steps for a lease while some instance has free blocks, and otherwise the newest running request
-is preempted (itself, if it is the newest). Under memory pressure these rules decide how much is
-recomputed and how many steps exchange queries, so a simulator that predicts the engine follows
-them. This one keeps the simulator's gManager, ledger, cost model and accounting unchanged and
-replaces only the clock and `SimInstance.schedule`:
+is preempted (itself, if it is the newest and not the oldest in the cluster). Under memory
+pressure these rules decide how much is recomputed and how many steps exchange queries, so a
+simulator that predicts the engine follows them. This one keeps the simulator's gManager,
+ledger, cost model and accounting unchanged and replaces only the clock and
+`SimInstance.schedule`:
 
     plan (gManager) -> every instance schedules as the engine does -> step time =
     `CostModel.cluster_step_s`: the sync, the busy instances' a + b*tokens + c*kv_bytes as the
@@ -41,8 +43,10 @@ if TYPE_CHECKING:
 
 class EngineLikeInstance(SimInstance):
     """`SimInstance` with `infinite_llm.engine.scheduler.Scheduler.schedule`'s rules
-    (`max_stall_steps` plays the engine's `MAX_STALLED_STEPS`). As in the engine, preemption
-    resets a request's count of stalled steps (`Request.reset_for_recompute`)."""
+    (`max_stall_steps` plays the engine's `MAX_STALLED_STEPS`): the senior request first and
+    never self-preempted, admission only when the whole prompt and the running requests'
+    headroom fit. As in the engine, preemption resets a request's count of stalled steps
+    (`Request.reset_for_recompute`)."""
 
     def __init__(self, index: int, max_batched_tokens: int, max_num_seqs: int,
                  max_stall_steps: int) -> None:
@@ -53,19 +57,23 @@ class EngineLikeInstance(SimInstance):
         self.stalled.pop(req.request_id, None)
         super()._preempt(req, ledger)
 
-    def schedule(self, ledger: BlockLedger, can_borrow: bool = False) -> None:
+    def schedule(self, ledger: BlockLedger, can_borrow: bool = False,
+                 senior: str | None = None) -> None:
         me, budget = self.index, self.max_batched_tokens
         batch: list[tuple[SimRequest, int]] = []
         preempted = False
-        queue = deque(self.running)
+        self.num_stalled = 0
+        queue = deque(_senior_first(self.running, senior))
         self.running = []
         while queue and budget > 0:
             req = queue.popleft()
             n = min(req.num_uncomputed, budget)
             while not ledger.grow(req, me, n):
                 stalled = self.stalled.get(req.request_id, 0)
-                if can_borrow and stalled < self.max_stall_steps:
+                waits = can_borrow and stalled < self.max_stall_steps
+                if waits or (req.request_id == senior and not queue):
                     self.stalled[req.request_id] = stalled + 1
+                    self.num_stalled += 1
                     self.running.append(req)
                     break
                 if not queue:  # nobody left to preempt but itself
@@ -80,11 +88,14 @@ class EngineLikeInstance(SimInstance):
                 batch.append((req, n))
                 budget -= n
         self.running.extend(queue)  # not reached for budget: they keep their place
+        self.waiting = deque(_senior_first(self.waiting, senior))
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.max_num_seqs:
                 break
             req = self.waiting[0]
             n = min(req.num_uncomputed, budget)
+            if req.request_id != senior and not self._fits(req, ledger):
+                break
             if not ledger.grow(req, me, n):
                 break
             self.waiting.popleft()
@@ -95,6 +106,16 @@ class EngineLikeInstance(SimInstance):
         self.batch = batch
         self.batch_tokens = self.max_batched_tokens - budget
 
+    def _fits(self, req: SimRequest, ledger: BlockLedger) -> bool:
+        """The scheduler's admission rule (`Scheduler._fits`)."""
+        committed = sum(ledger.blocks_for(r, r.num_uncomputed) + 1 for r in self.running)
+        need = ledger.blocks_for(req, req.num_uncomputed)
+        return need + committed <= ledger.available(self.index)
+
+
+def _senior_first(requests: Sequence[SimRequest], senior: str | None) -> list[SimRequest]:
+    head = [r for r in requests if r.request_id == senior]
+    return head + [r for r in requests if r.request_id != senior] if head else list(requests)
 
 
 class LockstepSimulator(Simulator):
@@ -111,17 +132,19 @@ class LockstepSimulator(Simulator):
         start = time.perf_counter()
         reqs, res, ledger = self.requests, self.result, self.ledger
         pooled = self.config.mode == "pooled" and self.config.num_instances > 1
+        waits = pooled and self.config.lend_to_running  # as the engine's `_has_spare`
         t = reqs[0].arrival_s if reqs else 0.0
         idle_steps = 0  # steps in a row in which nothing was sampled while requests ran
         while self._in_flight or self._next_arrival < len(reqs):
             if not self._in_flight and reqs[self._next_arrival].arrival_s > t:
                 t = reqs[self._next_arrival].arrival_s
             self._tick(t)  # the plan; its wake-ups and timer are no-ops here (see below)
-            can_borrow = pooled and any(f > 0 for f in ledger.free)  # as the engine's plan says
+            can_borrow = waits and any(f > 0 for f in ledger.free)  # as the engine's plan says
+            senior = self.senior_id()
             for i, inst in enumerate(self.engine_instances):
                 if self._migrations[i]:
                     self._apply_migrations(i)
-                inst.schedule(ledger, can_borrow)
+                inst.schedule(ledger, can_borrow, senior)
                 self.dirty.add(i)
             t += self._lockstep_time()
             self._last_step_s = t
@@ -173,7 +196,8 @@ def simulate_lockstep(config: SimConfig, cost: CostModel,
 def engine_sim_config(config: EngineConfig, cost: CostModel) -> SimConfig:
     """The engine's configuration as the simulator spells it: the same instances, pools and
     budgets, the gManager as the engine builds it (an instance lends while its batch is below
-    the token budget; no reserve) and the scheduler's stall limit."""
+    the token budget; no reserve; on CPU, leases only to instances with nothing running) and
+    the scheduler's stall limit."""
     from infinite_llm.engine.scheduler import MAX_STALLED_STEPS
 
     if config.num_kv_blocks is None:
@@ -184,4 +208,5 @@ def engine_sim_config(config: EngineConfig, cost: CostModel) -> SimConfig:
                      max_num_seqs=config.max_num_seqs,
                      plan_interval_s=cost.sync_step_s or cost.step_overhead_s,
                      efficient_batch_tokens=config.max_num_batched_tokens, reserve_blocks=0,
-                     max_stall_steps=MAX_STALLED_STEPS)
+                     max_stall_steps=MAX_STALLED_STEPS,
+                     lend_to_running=config.torch_device.type != "cpu")
