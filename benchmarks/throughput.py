@@ -2,7 +2,12 @@
 
 Both generate exactly `--new-tokens` tokens per prompt (EOS ignored), greedy, float32, from the
 same chat prompts. Batch 1 runs `--batch1-prompts` of them one after another; batch B runs B of
-them together (HF pads on the left). Prints the hardware, tokens/s for each, and the ratios.
+them together (HF pads on the left). Prints the hardware, the load average, tokens/s for each, and
+the ratios.
+
+Threads: HF runs on torch's default thread count. On CPU the engine runs one-token steps (batch 1
+decode) on one thread and larger steps on the default count; so that the batch-1 ratio is not read
+as coming from that policy alone, HF's batch 1 is also measured on one thread.
 
     python benchmarks/throughput.py [--batch 32] [--new-tokens 64] [--device cpu]
 """
@@ -31,6 +36,10 @@ def hardware(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run_ours(llm: LLM, prompts: list[list[int]], batch: int, n: int) -> float:
@@ -70,9 +79,9 @@ def main() -> None:
     prompts = [llm.apply_chat_template([{"role": "user", "content": f"Write a poem about {t}."}])
                for t in TOPICS[: args.batch]]
     hf = AutoModelForCausalLM.from_pretrained(resolve_model(None), dtype=dtype).to(device)
-    print(f"hardware: {hardware(device)}; torch {torch.__version__}; threads "
-          f"{torch.get_num_threads()}; model SmolLM2-135M-Instruct float32; {len(prompts)} "
-          f"prompts, {n} new tokens each")
+    threads = torch.get_num_threads()
+    print(f"hardware: {hardware(device)}; torch {torch.__version__}; threads {threads}; model "
+          f"SmolLM2-135M-Instruct float32; {len(prompts)} prompts, {n} new tokens each; {load()}")
     run_ours(llm, prompts[:2], 2, 4)  # warm-up
     run_hf(hf, prompts[:2], 2, 4, device)
     rows = []
@@ -82,9 +91,15 @@ def main() -> None:
         ref = run_hf(hf, subset, batch, n, device)
         rows.append((batch, ours, ref))
         print(f"batch {batch:3d}: infinite-llm {ours:8.1f} tok/s | HF generate {ref:8.1f} tok/s "
-              f"| ratio {ours / ref:5.2f}x")
+              f"| ratio {ours / ref:5.2f}x", flush=True)
+        if batch == 1 and device == "cpu" and threads > 1:
+            torch.set_num_threads(1)
+            ref1 = run_hf(hf, subset, batch, n, device)
+            torch.set_num_threads(threads)
+            print(f"batch   1: HF generate on 1 thread {ref1:8.1f} tok/s | ratio "
+                  f"{ours / ref1:5.2f}x", flush=True)
     hf_b1 = rows[0][2]
-    print(f"infinite-llm batch {args.batch} vs HF batch 1: {rows[1][1] / hf_b1:5.2f}x")
+    print(f"infinite-llm batch {args.batch} vs HF batch 1: {rows[1][1] / hf_b1:5.2f}x; {load()}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infinite_llm.attention.reference import PagedBatch, merge, paged_attention, store_kv
+from infinite_llm.attention.reference import (
+    PagedBatch,
+    _flash_attention_cpu,
+    _softmax_attention,
+    merge,
+    paged_attention,
+    store_kv,
+)
 
 
 def _dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor):
@@ -131,3 +138,21 @@ def test_query_without_visible_keys_has_minus_inf_lse_and_zero_weight() -> None:
     merged, _ = merge(torch.stack([out, torch.ones_like(out)]),
                       torch.stack([lse, torch.zeros_like(lse)]))
     torch.testing.assert_close(merged, torch.ones_like(out))
+
+
+def test_fused_cpu_kernel_equals_spelled_out_softmax() -> None:
+    """The fused CPU kernel the reference uses on CPU computes what the spelled-out math (its
+    path on other devices) does, and gives a query that sees no key out = 0, as `_attend`
+    assumes (only its lse needs setting to -inf)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8, generator=gen) for _ in range(3))
+    visible = torch.rand(3, 1, 5, 11, generator=gen) < 0.6
+    visible[1, 0, 2] = False
+    mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+    k, v = k.repeat(1, 1, 3, 1)[:, :, :11], v.repeat(1, 1, 3, 1)[:, :, :11]
+    out, lse = _flash_attention_cpu(q, k, v, attn_mask=mask, scale=0.3)
+    ref_out, ref_lse = _softmax_attention(q, k, v, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(out, ref_out)
+    seen = visible.any(-1).expand_as(lse)
+    torch.testing.assert_close(lse[seen], ref_lse[seen])
+    assert (~seen).any() and torch.isneginf(ref_lse[~seen]).all() and (out[~seen] == 0).all()

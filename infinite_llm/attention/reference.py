@@ -162,16 +162,27 @@ def _attend(
     keys = k_cache.index_select(0, layout.blocks).view(shape).transpose(1, 2).float()
     values = v_cache.index_select(0, layout.blocks).view(shape).transpose(1, 2).float()
     qf = q.float()
-    if qf.device.type == "cpu":
-        out, lse = _flash_attention_cpu(qf, keys, values, attn_mask=layout.mask, scale=scale)
-    else:
-        scores = torch.matmul(qf, keys.transpose(-1, -2)) * scale + layout.mask
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-        out = torch.matmul(probs, values)
+    attend = _flash_attention_cpu if qf.device.type == "cpu" else _softmax_attention
+    out, lse = attend(qf, keys, values, attn_mask=layout.mask, scale=scale)
     if layout.blind is not None:  # the fused kernel gives such queries out = 0 but lse = 0
         lse = lse.masked_fill(layout.blind, float("-inf"))
     return out, lse
+
+
+def _softmax_attention(
+    q: Tensor,  # [R, heads, Q, d]
+    k: Tensor,  # [R, heads, L, d]
+    v: Tensor,  # [R, heads, L, d]
+    *,
+    attn_mask: Tensor,  # broadcasts to [R, heads, Q, L], additive
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """What the fused CPU kernel computes, spelled out: out [R, heads, Q, d] and lse
+    [R, heads, Q]; a query that sees no key gets out = 0 and lse = -inf."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + attn_mask
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.matmul(probs, v), lse
 
 
 def merge(
