@@ -30,7 +30,7 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from infinite_llm import LLM  # noqa: E402
+from infinite_llm.cluster.gmanager import GManager  # noqa: E402
 from infinite_llm.engine.engine import engine_config  # noqa: E402
 from infinite_llm.sim import trace as tr  # noqa: E402
 from infinite_llm.sim.calibrate import hardware_line  # noqa: E402
@@ -89,6 +90,10 @@ def main() -> None:
                    help="multiply arrival times (>1 spreads the trace out)")
     p.add_argument("--calibration", default=str(DEFAULT_CALIBRATION),
                    help="cost model for the simulator's prediction ('' for none)")
+    p.add_argument("--lend-to-running", action="store_true",
+                   help="lease to instances with requests running, as on GPUs (on CPU the "
+                        "engine doesn't: GManagerConfig.lend_to_running); measures what "
+                        "lending costs here")
     p.add_argument("--seed", type=int, default=0, help="prompt token ids")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args()
@@ -114,6 +119,9 @@ def main() -> None:
         results: dict[str, RunMetrics] = {}
         for mode in a.modes:
             llm = LLM(model, **engine_options(a, mode))
+            if a.lend_to_running:
+                policy = llm.engine.gmanager.config
+                llm.engine.gmanager = GManager(replace(policy, lend_to_running=True))
             try:
                 run = replay(llm.engine, trace, mode, seed=a.seed)
             finally:
@@ -136,6 +144,7 @@ def main() -> None:
         cost = CostModel.from_json(a.calibration)
         for mode in a.modes:
             cfg = engine_sim_config(engine_config(None, engine_options(a, mode)), cost)
+            cfg = replace(cfg, lend_to_running=cfg.lend_to_running or a.lend_to_running)
             sm = sim_metrics(simulate_lockstep(cfg, cost, trace))
             sim[mode] = asdict(sm)
         if len(sim) == 2:
