@@ -6,8 +6,9 @@ them together (HF pads on the left). Prints the hardware, the load average, toke
 the ratios.
 
 Threads: HF runs on torch's default thread count. On CPU the engine runs one-token steps (batch 1
-decode) on one thread and larger steps on the default count; so that the batch-1 ratio is not read
-as coming from that policy alone, HF's batch 1 is also measured on one thread.
+decode) on one thread and picks one thread or the default count for larger steps by timing them
+(`infinite_llm/engine/threads.py`); so that the batch-1 ratio is not read as coming from that
+policy alone, HF's batch 1 is also measured on one thread.
 
     python benchmarks/throughput.py [--batch 32] [--new-tokens 64] [--device cpu]
 """

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,6 +22,7 @@ from infinite_llm.config import ConfigError, EngineConfig
 from infinite_llm.engine.cuda_graphs import DecodeGraphs
 from infinite_llm.engine.output import Detokenizer, RequestDelta
 from infinite_llm.engine.scheduler import ScheduledBatch, Scheduler
+from infinite_llm.engine.threads import StepThreads
 from infinite_llm.kvcache.pool import KVPool
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.models.llama import LlamaForCausalLM
@@ -54,6 +53,8 @@ class Instance:
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(model, self.attention, config.max_num_seqs)
         self.sampler = Sampler()
+        # CPU steps pick their thread count by timing; a GPU step has nothing to choose.
+        self.step_threads = StepThreads(torch.get_num_threads() if self.device.type == "cpu" else 1)
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, Detokenizer] = {}
         self.last_batch_tokens = 0
@@ -133,7 +134,7 @@ class Instance:
         self.last_batch_tokens = batch.total_tokens
         if not self.attention.begin_step(batch.requests, batch.num_tokens):
             return []
-        with _step_threads(self.device, batch.total_tokens):
+        with self.step_threads(batch.total_tokens):
             hidden, last_token_rows = self._forward(batch)
             done = [r for r in batch.requests if r.num_uncomputed_tokens == 0]
             if not done:
@@ -213,28 +214,6 @@ def build_instance(config: EngineConfig, rank: int, cluster: Cluster | None) -> 
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     return Instance(model, pool, tokenizer, config, frozenset(eos), rank, cluster)
-
-
-@contextmanager
-def _step_threads(device: torch.device, num_tokens: int) -> Iterator[None]:
-    """Run a one-token CPU step on one thread, then restore the thread count.
-
-    Its linears are matrix-vector products bound by reading the weights, which one core does as
-    fast as two (MKL keeps most of them on one thread anyway); its other ops are too small to gain
-    from a second thread, yet each one that enters a parallel region waits for both threads, which
-    on a CPU shared with other processes can cost a scheduler time slice per op (a 135M-parameter
-    model's decode step: ~70 ms on one thread, 500-980 ms on two under load). Steps of several
-    tokens are compute-bound enough for more threads to pay on an idle CPU, so they keep them.
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or num_tokens != 1 or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _kv_budget_bytes(device: torch.device, fraction: float | None) -> int:

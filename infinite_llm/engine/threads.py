@@ -1,0 +1,78 @@
+"""How many CPU threads an engine step runs on, chosen by timing the steps themselves.
+
+On an idle CPU a step of many tokens runs faster on every core: its matmuls are compute-bound.
+On a CPU that other processes use too, each op that enters an OpenMP parallel region waits until
+all of its threads get a core, so the same step can run several times slower on two threads than
+on one (2 shared cores under load: a batch-32 step's linears took 1.9 s on two threads, 0.2 s on
+one; idle, 0.18 s on two, 0.27 s on one). Which case holds changes while the engine runs, so
+`StepThreads` measures instead of guessing.
+
+Invariants: a one-token step always runs on one thread (its linears are matrix-vector products
+bound by reading the weights, which one core does as fast as two, and its other ops are too small
+to gain from a second thread). Steps of other sizes run on whichever of one thread or all threads
+has the lower recent seconds per token for their size class; the other is retried once the time
+spent since its last try reaches `explore_every` times its expected cost, so trying the slower
+choice costs at most about 1 / explore_every of the time. The thread count is restored after
+every step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+_SMOOTHING = 0.5  # weight of a step's seconds per token in its choice's running estimate
+
+
+class StepThreads:
+    """`with step_threads(num_tokens):` runs one step on the thread count chosen for it."""
+
+    def __init__(self, max_threads: int, explore_every: float = 10.0) -> None:
+        self.max_threads = max_threads  # 1: nothing to choose (GPU steps, or a 1-core share)
+        self.explore_every = explore_every
+        self._cost: dict[tuple[int, int], float] = {}  # (size class, threads) -> s per token
+        self._since: dict[int, float] = {}  # size class -> seconds since the other was tried
+
+    @contextmanager
+    def __call__(self, num_tokens: int) -> Iterator[None]:
+        if self.max_threads == 1 or num_tokens < 1:
+            yield
+            return
+        threads, exploring = self._choose(num_tokens)
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            torch.set_num_threads(saved)
+        self._record(num_tokens, threads, exploring, time.perf_counter() - start)
+
+    def _choose(self, num_tokens: int) -> tuple[int, bool]:
+        """(threads, whether that is a retry of the choice measured slower)."""
+        if num_tokens == 1:
+            return 1, False
+        size = num_tokens.bit_length()
+        for threads in (1, self.max_threads):  # measure each once, one thread first
+            if (size, threads) not in self._cost:
+                return threads, False
+        one, many = self._cost[size, 1], self._cost[size, self.max_threads]
+        best, other = (1, self.max_threads) if one <= many else (self.max_threads, 1)
+        expected = self._cost[size, other] * num_tokens
+        if self._since.get(size, 0.0) >= self.explore_every * expected:
+            return other, True
+        return best, False
+
+    def _record(self, num_tokens: int, threads: int, exploring: bool, seconds: float) -> None:
+        if num_tokens == 1:
+            return
+        size = num_tokens.bit_length()
+        per_token = seconds / num_tokens
+        old = self._cost.get((size, threads))
+        # A retry's measurement replaces the old one: that is from before the CPU's load changed.
+        self._cost[size, threads] = (
+            per_token if old is None or exploring else old + _SMOOTHING * (per_token - old))
+        self._since[size] = 0.0 if exploring else self._since.get(size, 0.0) + seconds

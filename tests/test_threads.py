@@ -1,0 +1,59 @@
+"""StepThreads: one thread for one-token steps, the faster measured choice for the rest, a bounded
+share of retries of the slower one, and the thread count always restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infinite_llm.engine import threads as threads_module
+from infinite_llm.engine.threads import StepThreads
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    fake = _Clock()
+    monkeypatch.setattr(threads_module.time, "perf_counter", fake)
+    return fake
+
+
+def _run(step_threads: StepThreads, clock: _Clock, num_tokens: int,
+         seconds: dict[int, float]) -> int:
+    """One step that takes `seconds[threads]`; returns the thread count it ran on."""
+    with step_threads(num_tokens):
+        used = torch.get_num_threads()
+        clock.now += seconds[used]
+    return used
+
+
+def test_one_token_steps_use_one_thread_and_restore(clock: _Clock) -> None:
+    before = torch.get_num_threads()
+    step_threads = StepThreads(2)
+    assert _run(step_threads, clock, 1, {1: 0.1, 2: 0.01}) == 1
+    assert torch.get_num_threads() == before
+
+
+def test_faster_choice_wins_and_slower_is_retried_rarely(clock: _Clock) -> None:
+    before = torch.get_num_threads()
+    step_threads = StepThreads(2, explore_every=10.0)
+    busy = {1: 0.25, 2: 2.0}  # a shared CPU: two threads wait for each other
+    used = [_run(step_threads, clock, 32, busy) for _ in range(120)]
+    assert used[:2] == [1, 2]  # each measured once
+    assert used.count(2) == 2  # retried once in 120 steps: after 10 x 2.0 s on one thread
+    assert torch.get_num_threads() == before
+    idle = {1: 0.27, 2: 0.18}  # the other work ended: the next retry finds two threads faster
+    used = [_run(step_threads, clock, 32, idle) for _ in range(200)]
+    assert used[-100:].count(1) <= 100 * 0.18 / (10 * 0.27) + 1  # retries of one thread only
+
+
+def test_single_thread_budget_touches_nothing(clock: _Clock) -> None:
+    before = torch.get_num_threads()
+    assert _run(StepThreads(1), clock, 64, {before: 0.1}) == before
