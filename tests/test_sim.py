@@ -13,6 +13,7 @@ from infinite_llm.sim import trace as tr
 from infinite_llm.sim.__main__ import main as sim_main
 from infinite_llm.sim.cluster import SimConfig, Simulator, simulate
 from infinite_llm.sim.cost import DEFAULT_CALIBRATION, CostModel
+from infinite_llm.sim.lockstep import LockstepSimulator
 from infinite_llm.sim.report import metrics
 from infinite_llm.sim.request import Status
 
@@ -108,6 +109,22 @@ def test_stranded_cluster_does_not_deadlock() -> None:
     sim.run()
     assert_accounted(sim)
     assert all(r.status is Status.FINISHED for r in sim.requests)
+
+
+@pytest.mark.parametrize("lend_to_running", [True, False])
+def test_lockstep_pair_too_large_to_run_together_finishes(lend_to_running: bool) -> None:
+    """The engine's rules (lockstep.py): two requests that each outgrow one instance and
+    together the cluster, prefilled 8 tokens a step, both finish (the older one keeps its
+    blocks and is lent to first), with one preemption at most."""
+    trace = [tr.TraceRequest(f"doc{i}", 0.0, 48, 8) for i in range(2)]
+    cfg = SimConfig(2, "pooled", blocks_per_instance=10, block_size=4, max_batched_tokens=8,
+                    reserve_blocks=0, max_stall_steps=4, stuck_after_s=30.0,
+                    lend_to_running=lend_to_running)
+    sim = LockstepSimulator(cfg, COST, trace)
+    result = sim.run()
+    assert_accounted(sim)
+    assert all(r.status is Status.FINISHED for r in sim.requests)
+    assert result.num_preemptions <= 1
 
 
 def test_runs_are_deterministic() -> None:

@@ -158,6 +158,7 @@ class LockstepSimulator(Simulator):
                 raise RuntimeError(f"simulation stuck at t={t:.1f}s: {self._in_flight} requests "
                                    f"in flight and nothing sampled for "
                                    f"{self.config.stuck_after_s:.0f} s")
+        ledger.expire_credit()  # the last plan's unused leases, as the engine's end_step
         ledger.check()
         res.num_preemptions = sum(i.num_preemptions for i in self.instances)
         res.wall_s = time.perf_counter() - start
