@@ -3,9 +3,9 @@
 On an idle CPU a step of many tokens runs faster on every core: its matmuls are compute-bound.
 On a CPU that other processes use too, each op that enters an OpenMP parallel region waits until
 all of its threads get a core, so the same step can run several times slower on two threads than
-on one (2 shared cores under load: a batch-32 step's linears took 1.9 s on two threads, 0.2 s on
-one; idle, 0.18 s on two, 0.27 s on one). Which case holds changes while the engine runs, so
-`StepThreads` measures instead of guessing.
+on one (2 shared cores at load average ~4: a batch-32 step's linears took 1.9 s on two threads,
+0.2 s on one; at ~2, 0.18 s on two and 0.27 s on one). Which case holds changes while the engine
+runs, so `StepThreads` measures instead of guessing.
 
 Invariants: a one-token step always runs on one thread (its linears are matrix-vector products
 bound by reading the weights, which one core does as fast as two, and its other ops are too small
