@@ -57,3 +57,16 @@ def test_faster_choice_wins_and_slower_is_retried_rarely(clock: _Clock) -> None:
 def test_single_thread_budget_touches_nothing(clock: _Clock) -> None:
     before = torch.get_num_threads()
     assert _run(StepThreads(1), clock, 64, {before: 0.1}) == before
+
+
+def test_new_size_starts_with_the_nearest_sizes_winner(clock: _Clock) -> None:
+    step_threads = StepThreads(2)
+    idle = {1: 0.27, 2: 0.18}
+    assert [_run(step_threads, clock, 32, idle) for _ in range(3)] == [1, 2, 2]
+    # A one-off prefill of 1178 tokens: two threads won at 32 tokens, so it starts there.
+    assert _run(step_threads, clock, 1178, idle) == 2
+    assert _run(step_threads, clock, 1178, idle) == 1  # then one thread, once
+    busy = {1: 0.25, 2: 2.0}
+    fresh = StepThreads(2)
+    assert [_run(fresh, clock, 40, busy) for _ in range(3)] == [1, 2, 1]
+    assert _run(fresh, clock, 700, busy) == 1

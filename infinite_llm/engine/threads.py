@@ -9,8 +9,10 @@ runs, so `StepThreads` measures instead of guessing.
 
 Invariants: a one-token step always runs on one thread (its linears are matrix-vector products
 bound by reading the weights, which one core does as fast as two, and its other ops are too small
-to gain from a second thread). Steps of other sizes run on whichever of one thread or all threads
-has the lower recent seconds per token for their size class; the other is retried once the time
+to gain from a second thread). A step of a size class not seen yet runs first on what won for the
+nearest class measured both ways, then on the other choice once. After that, steps run on
+whichever of one thread or all threads has the lower recent seconds per token for their size
+class; the other is retried once the time
 spent since its last try reaches `explore_every` times its expected cost, so trying the slower
 choice costs at most about 1 / explore_every of the time. The thread count is restored after
 every step.
@@ -56,15 +58,28 @@ class StepThreads:
         if num_tokens == 1:
             return 1, False
         size = num_tokens.bit_length()
-        for threads in (1, self.max_threads):  # measure each once, one thread first
-            if (size, threads) not in self._cost:
-                return threads, False
+        untried = [t for t in (1, self.max_threads) if (size, t) not in self._cost]
+        if len(untried) == 2:  # a new size: first what won for the nearest measured size
+            return self._nearest_winner(size), False
+        if untried:  # then the other, once
+            return untried[0], False
         one, many = self._cost[size, 1], self._cost[size, self.max_threads]
         best, other = (1, self.max_threads) if one <= many else (self.max_threads, 1)
         expected = self._cost[size, other] * num_tokens
         if self._since.get(size, 0.0) >= self.explore_every * expected:
             return other, True
         return best, False
+
+    def _nearest_winner(self, size: int) -> int:
+        """The faster thread count of the nearest size class measured both ways (one thread if
+        none is): a size seen once, like a big prefill, still gets the better guess."""
+        both = [c for c in {c for c, _ in self._cost}
+                if (c, 1) in self._cost and (c, self.max_threads) in self._cost]
+        if not both:
+            return 1
+        nearest = min(both, key=lambda c: (abs(c - size), -c))
+        return 1 if self._cost[nearest, 1] <= self._cost[nearest, self.max_threads] \
+            else self.max_threads
 
     def _record(self, num_tokens: int, threads: int, exploring: bool, seconds: float) -> None:
         if num_tokens == 1:
