@@ -55,7 +55,7 @@ MODES = ("pooled", "static")
 def engine_options(a: argparse.Namespace, mode: str) -> dict:
     return dict(num_instances=a.instances, kv_mode=mode, num_kv_blocks=a.num_kv_blocks,
                 block_size=a.block_size, max_num_seqs=a.max_num_seqs,
-                max_num_batched_tokens=a.max_num_batched_tokens, device="cpu",
+                max_num_batched_tokens=a.max_num_batched_tokens, device=a.device,
                 worker_timeout_s=600)
 
 
@@ -94,6 +94,8 @@ def main() -> None:
                    help="lease to instances with requests running, as on GPUs (on CPU the "
                         "engine doesn't: GManagerConfig.lend_to_running); measures what "
                         "lending costs here")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (gloo), or cuda: one GPU per instance over NCCL (not run yet)")
     p.add_argument("--seed", type=int, default=0, help="prompt token ids")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args()
@@ -104,7 +106,7 @@ def main() -> None:
                                  r.output_len) for r in trace]
     capacity = a.num_kv_blocks * a.block_size
     need = [r.prompt_len + r.output_len for r in trace]
-    print(f"hardware: {hardware_line(a.instances)}")
+    print(f"hardware: {hardware_line(a.instances, a.device)}")
     with tempfile.TemporaryDirectory() as tmp:
         model = a.model or str(write_tiny_llama(Path(tmp) / "tiny"))
         model_name = a.model or describe()
@@ -156,7 +158,7 @@ def main() -> None:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({
             "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-            "hardware": hardware_line(a.instances), "model": model_name,
+            "hardware": hardware_line(a.instances, a.device), "model": model_name,
             "config": {k: v for k, v in vars(a).items() if k not in ("out",)},
             "results": {k: asdict(v) for k, v in results.items()}, "ratios": ratios,
             "simulator": sim}, indent=2) + "\n")

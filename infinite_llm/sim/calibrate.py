@@ -268,8 +268,8 @@ def max_parallel(engine: LLMEngine) -> int:
     return 0 if at_once >= n else at_once
 
 
-def hardware_line(num_instances: int) -> str:
-    """The CPU, its cores and how many instance processes share them."""
+def hardware_line(num_instances: int, device: str = "cpu") -> str:
+    """The CPU, its cores and how many instance processes share them; on CUDA, the GPUs too."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -279,6 +279,11 @@ def hardware_line(num_instances: int) -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
+    if device.startswith("cuda"):
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        where = f"{num_instances} instances on {len(gpus)} GPUs ({', '.join(sorted(set(gpus)))})"
+        return (f"{where}, {cpu}, {os.cpu_count()} CPU cores; torch {torch.__version__}, "
+                f"Python {platform.python_version()}")
     return (f"{cpu}, {os.cpu_count()} CPU cores shared by {num_instances} instance processes "
             f"(gloo over loopback); torch {torch.__version__}, Python "
             f"{platform.python_version()}")
