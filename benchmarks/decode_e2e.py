@@ -13,7 +13,8 @@ table, plus one embedding row per sequence. KV read: each sequence's K and V in 
 and including its new token. `GPU busy` is the kernel time of a step under the torch profiler;
 where it is well below the step's wall time, the GPU waits for the host to launch kernels.
 Plain decode steps replay CUDA graphs (the engine's default on CUDA); `--enforce-eager` runs them
-eagerly, to compare. `--host-profile` lists one step's torch ops by host time.
+eagerly, to compare. `--kernel-profile` lists each row's top kernels by GPU time and
+`--host-profile` its Python functions by host time.
 
 Hugging Face: transformers' LlamaForCausalLM with the same weights, bf16, sdpa, `generate` (greedy,
 exactly n new tokens); its decode time per step = (time of 1 + n new tokens - time of 1) / n.
@@ -23,7 +24,7 @@ weights), chunked prefill of `--chunk` tokens per step, then `--longest-steps` t
 
     python -P benchmarks/decode_e2e.py [--batches 1,16,64,256] [--contexts 1K,8K,32K] [--steps 32]
                                        [--hf-batch 64] [--hf-context 1K] [--no-hf]
-                                       [--enforce-eager] [--host-profile]
+                                       [--enforce-eager] [--kernel-profile] [--host-profile]
     python -P benchmarks/decode_e2e.py --longest [--kv-fraction 0.95] [--chunk 8192]
 """
 
@@ -126,8 +127,10 @@ def kv_bytes_per_token(engine: LLMEngine) -> int:
     return 2 * pool.k[:, 0, 0].numel() * pool.k.element_size()  # K and V, every layer
 
 
-def gpu_busy_ms(engine: LLMEngine, device: torch.device, steps: int = 2) -> float | None:
-    """Kernel time per step (ms) under the torch profiler; None off CUDA or if it fails."""
+def gpu_busy_ms(engine: LLMEngine, device: torch.device, steps: int = 2,
+                top: int = 0) -> float | None:
+    """Kernel time per step (ms) under the torch profiler, printing the `top` kernels by time;
+    None off CUDA or if the profiler fails."""
     if device.type != "cuda":
         return None
     from torch.autograd import DeviceType
@@ -137,30 +140,39 @@ def gpu_busy_ms(engine: LLMEngine, device: torch.device, steps: int = 2) -> floa
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 engine.step()
-        us = sum(e.self_device_time_total for e in prof.key_averages()
-                 if e.device_type == DeviceType.CUDA)
+        kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     except Exception as error:  # the numbers above stand without it
         print(f"  (profiler failed: {error})")
         return None
+    us = sum(e.self_device_time_total for e in kernels)
+    if top:
+        print(f"  kernels per step: {sum(e.count for e in kernels) / steps:.0f}, "
+              f"{us / steps / 1e3:.2f} ms; top by GPU time:")
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+            print(f"    {e.key[:60]:60} {e.count / steps:5.0f}/step "
+                  f"{e.self_device_time_total / steps / 1e3:7.3f} ms")
     return us / steps / 1e3 if us else None
 
 
-def host_profile(engine: LLMEngine, top: int = 10) -> None:
-    """Where one step's host time goes: torch ops by self CPU time (under the profiler,
-    which slows each op down); the rest is Python, Triton launches and the scheduler."""
-    from torch.profiler import ProfilerActivity, profile
+def host_profile(engine: LLMEngine, steps: int = 10, top: int = 10) -> None:
+    """Where the host's time goes over `steps` steps: Python functions by their own time
+    (cProfile). Waiting for the GPU shows up in `.tolist()` (the sampled tokens)."""
+    import cProfile
+    import pstats
 
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
         engine.step()
-    wall_ms = (time.perf_counter() - start) * 1e3
-    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    calls = sum(e.count for e in ops)
-    op_ms = sum(e.self_cpu_time_total for e in ops) / 1e3
-    print(f"  host profile of one step: {wall_ms:.1f} ms under the profiler; {calls} torch op "
-          f"calls, {op_ms:.1f} ms in them; top by self CPU time:")
-    for e in ops[:top]:
-        print(f"    {e.key[:44]:44} {e.count:6} calls {e.self_cpu_time_total / 1e3:7.2f} ms")
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    total_ms = stats.total_tt / steps * 1e3
+    print(f"  host profile: {total_ms:.2f} ms per step under cProfile; top by own time:")
+    rows = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:top]
+    for (file, line, name), (_, calls, own, cumulative, _) in rows:
+        where = f"{Path(file).name}:{line}({name})" if line else name
+        print(f"    {where[:52]:52} {calls / steps:7.1f}/step own {own / steps * 1e3:6.3f} ms "
+              f"cum {cumulative / steps * 1e3:6.3f} ms")
 
 
 def random_prompt(gen: torch.Generator, vocab: int, n: int) -> list[int]:
@@ -173,7 +185,8 @@ def measure_decode(llm: LLM, batch: int, context: int, args: argparse.Namespace,
     engine = llm.engine
     bs = engine.config.block_size
     prefill_steps = -(-batch * context // args.chunk) + 1
-    extra = prefill_steps + args.warmup + args.steps + 3  # tokens a request may reach
+    profiled = (2 if args.profile else 0) + (10 if args.host_profile else 0)
+    extra = prefill_steps + args.warmup + args.steps + profiled + 3  # tokens a request may reach
     need = batch * -(-(context + extra) // bs)
     total = llm.kv_stats()[0].total
     if need > total or context + extra > engine.max_model_len:
@@ -200,10 +213,10 @@ def measure_decode(llm: LLM, batch: int, context: int, args: argparse.Namespace,
             raise RuntimeError("a timed step did not decode every sequence")
     sync(device)
     step_s = (time.perf_counter() - start) / args.steps
-    busy = gpu_busy_ms(engine, device) if args.profile else None
+    busy = gpu_busy_ms(engine, device, top=8 if args.kernel_profile else 0) \
+        if args.profile else None
     if args.host_profile:
         host_profile(engine)
-        args.host_profile = False  # the first row only
     clean = engine.num_preemptions == preemptions
     for request_id in ids:
         engine.abort_request(request_id)
@@ -426,7 +439,9 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: every step runs eagerly")
     parser.add_argument("--host-profile", action="store_true",
-                        help="torch ops by host time for one step of the first row")
+                        help="each row: Python functions by host time (cProfile)")
+    parser.add_argument("--kernel-profile", action="store_true",
+                        help="each row: the top kernels by GPU time")
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--hf-context", type=parse_sizes, default=[1024])
     parser.add_argument("--hf-steps", type=int, default=32)

@@ -19,7 +19,7 @@ from conftest import VOCAB_SIZE, write_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
 from infinite_llm import LLM, SamplingParams
-from infinite_llm.attention import reference
+from infinite_llm.attention import PAD_SLOT, reference
 from infinite_llm.attention import triton as kernels
 from infinite_llm.attention.reference import PagedBatch
 from infinite_llm.config import RopeScaling
@@ -139,7 +139,8 @@ def test_negative_slots_store_nothing() -> None:
     cache = torch.randn(2, 4, 16, 2, 64, device="cuda")
     before = cache.clone()
     k = torch.randn(3, 2, 64, device="cuda")
-    kernels.store_kv(cache[0], cache[1], torch.tensor([-1, 5, -1], device="cuda"), k, k)
+    slots = torch.tensor([PAD_SLOT, 5, PAD_SLOT], device="cuda")
+    kernels.store_kv(cache[0], cache[1], slots, k, k)
     before[0].view(-1, 2, 64)[5] = k[1]
     before[1].view(-1, 2, 64)[5] = k[1]
     assert torch.equal(cache, before)

@@ -29,6 +29,9 @@ class AttentionOps:
     merge: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
+# The K/V slot of a padding row (CUDA-graph batches): the Triton store writes nothing for it.
+PAD_SLOT = -1
+
 REFERENCE_OPS = AttentionOps(reference.store_kv, reference.paged_attention, reference.merge)
 
 

@@ -7,7 +7,7 @@ tensors' addresses and its launch shapes, so a step is replayed only when it is 
 chunks and steps that exchange with other instances run eagerly.
 
 Steps are padded to a bucket of rows (1, 2, 4, 8, then multiples of 16): padding rows have no keys
-and a negative K/V slot, so they store nothing and their outputs are ignored. Each bucket gets a
+and the K/V slot `PAD_SLOT`, so they store nothing and their outputs are ignored. Each bucket gets a
 graph per decode split count (a power of two), captured at its first use; all graphs share one
 memory pool, as only one runs at a time.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from infinite_llm.attention import graph_decode_ops, graph_decode_splits
+from infinite_llm.attention import PAD_SLOT, graph_decode_ops, graph_decode_splits
 from infinite_llm.attention.dist import DistAttention
 from infinite_llm.attention.reference import PagedBatch
 from infinite_llm.models.llama import LlamaForCausalLM
@@ -41,7 +41,7 @@ class DecodeGraphs:
         device = pool.k.device
         self.input_ids = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)  # = q positions
-        self.slots = torch.full((max_rows,), -1, dtype=torch.long, device=device)
+        self.slots = torch.full((max_rows,), PAD_SLOT, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(max_rows, pool.num_blocks, dtype=torch.int32,
                                         device=device)
         self.kv_starts = torch.zeros(max_rows, dtype=torch.long, device=device)
@@ -67,7 +67,7 @@ class DecodeGraphs:
         self.kv_starts[:n].copy_(batch.kv_starts)
         self.kv_lens[:n].copy_(batch.kv_lens)
         if n < rows:  # padding rows: no keys, nothing stored
-            self.slots[n:rows].fill_(-1)
+            self.slots[n:rows].fill_(PAD_SLOT)
             self.kv_lens[n:rows].zero_()
         k_cache = self.attention.pool.k[0]
         mc = self.model.config

@@ -49,7 +49,8 @@ def store_kv(
     v: Tensor,  # [num_tokens, num_kv_heads, head_dim]
 ) -> None:
     """Same contract as `reference.store_kv`; k and v may be strided views (e.g. of a fused QKV).
-    A negative slot writes nothing: the padding rows of a CUDA-graph batch."""
+    A negative slot (`attention.PAD_SLOT`, the padding rows of a CUDA-graph batch) writes
+    nothing."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
