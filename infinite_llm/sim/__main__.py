@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 from collections.abc import Sequence
+from dataclasses import replace
 
 from infinite_llm.sim import trace as tr
 from infinite_llm.sim.cluster import MODES, SimConfig, simulate
@@ -63,11 +64,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lend-to-running", action=argparse.BooleanOptionalAction, default=True,
                    help="lease to instances that have requests running (the engine on CPU "
                         "doesn't: GManagerConfig.lend_to_running)")
+    p.add_argument("--exchange-scale", type=float, default=1.0,
+                   help="what-if: multiply the calibration's exchange costs (d and e)")
     p.add_argument("--plots", default="docs", help="folder for PNGs ('' for none)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     cost = CostModel.from_json(a.calibration)
+    if a.exchange_scale != 1.0:
+        cost = replace(cost, per_exchange_byte_s=cost.per_exchange_byte_s * a.exchange_scale,
+                       exchange_step_s=cost.exchange_step_s * a.exchange_scale)
+        print(f"what-if: exchange costs x {a.exchange_scale:g} (not a measurement)")
     print(f"host: {platform.machine()}, {os.cpu_count()} CPU cores, "
           f"Python {platform.python_version()}")
     print(f"calibration: {a.calibration} ({cost.hardware}; {cost.model}); "
