@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from infinite_llm.cluster.gmanager import senior_first
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.request import Request, RequestStatus
 
@@ -70,7 +71,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         self.num_stalled = 0
         preempted = False
-        queue = deque(_senior_first(self.running, senior))
+        queue = deque(senior_first(self.running, senior))
         self.running = []
         while queue and budget > 0:
             request = queue.popleft()
@@ -94,7 +95,7 @@ class Scheduler:
                 batch.add(request, n)
                 budget -= n
         self.running.extend(queue)  # not reached for budget: they keep their place
-        self.waiting = deque(_senior_first(self.waiting, senior))
+        self.waiting = deque(senior_first(self.waiting, senior))
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.max_num_seqs:
                 break
@@ -133,9 +134,3 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.rmanager.free(request)
-
-
-def _senior_first(requests: list[Request] | deque[Request], senior: str | None) -> list[Request]:
-    """The requests with the senior one (if among them) moved to the front, the rest in order."""
-    head = [r for r in requests if r.request_id == senior]
-    return head + [r for r in requests if r.request_id != senior] if head else list(requests)

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from infinite_llm.cluster.gmanager import senior_first
 from infinite_llm.sim.cluster import SimConfig, SimResult, Simulator
 from infinite_llm.sim.cost import CostModel
 from infinite_llm.sim.instance import SimInstance
@@ -63,7 +64,7 @@ class EngineLikeInstance(SimInstance):
         batch: list[tuple[SimRequest, int]] = []
         preempted = False
         self.num_stalled = 0
-        queue = deque(_senior_first(self.running, senior))
+        queue = deque(senior_first(self.running, senior))
         self.running = []
         while queue and budget > 0:
             req = queue.popleft()
@@ -88,7 +89,7 @@ class EngineLikeInstance(SimInstance):
                 batch.append((req, n))
                 budget -= n
         self.running.extend(queue)  # not reached for budget: they keep their place
-        self.waiting = deque(_senior_first(self.waiting, senior))
+        self.waiting = deque(senior_first(self.waiting, senior))
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.max_num_seqs:
                 break
@@ -111,11 +112,6 @@ class EngineLikeInstance(SimInstance):
         committed = sum(ledger.blocks_for(r, r.num_uncomputed) + 1 for r in self.running)
         need = ledger.blocks_for(req, req.num_uncomputed)
         return need + committed <= ledger.available(self.index)
-
-
-def _senior_first(requests: Sequence[SimRequest], senior: str | None) -> list[SimRequest]:
-    head = [r for r in requests if r.request_id == senior]
-    return head + [r for r in requests if r.request_id != senior] if head else list(requests)
 
 
 class LockstepSimulator(Simulator):
