@@ -13,8 +13,11 @@ table, plus one embedding row per sequence. KV read: each sequence's K and V in 
 and including its new token. `GPU busy` is the kernel time of a step under the torch profiler;
 where it is well below the step's wall time, the GPU waits for the host to launch kernels.
 Plain decode steps replay CUDA graphs (the engine's default on CUDA); `--enforce-eager` runs them
-eagerly, to compare. `--kernel-profile` lists each row's top kernels by GPU time and
-`--host-profile` its Python functions by host time.
+eagerly, to compare. With async scheduling (the default; `--no-async-scheduling` to compare) each
+step queues the next decode step before it waits for its tokens, so the clock's last
+synchronize also waits for one step that no timed call returns: the timing counts it.
+`--kernel-profile` lists each row's top kernels by GPU time and `--host-profile` its Python
+functions by host time.
 
 Hugging Face: transformers' LlamaForCausalLM with the same weights, bf16, sdpa, `generate` (greedy,
 exactly n new tokens); its decode time per step = (time of 1 + n new tokens - time of 1) / n.
@@ -24,7 +27,8 @@ weights), chunked prefill of `--chunk` tokens per step, then `--longest-steps` t
 
     python -P benchmarks/decode_e2e.py [--batches 1,16,64,256] [--contexts 1K,8K,32K] [--steps 32]
                                        [--hf-batch 64] [--hf-context 1K] [--no-hf]
-                                       [--enforce-eager] [--kernel-profile] [--host-profile]
+                                       [--enforce-eager] [--no-async-scheduling]
+                                       [--kernel-profile] [--host-profile]
     python -P benchmarks/decode_e2e.py --longest [--kv-fraction 0.95] [--chunk 8192]
 """
 
@@ -293,7 +297,8 @@ def decode_table(args: argparse.Namespace, device: torch.device, folder: Path) -
         torch.cuda.empty_cache()
     options: dict[str, Any] = dict(load_format="dummy", max_num_batched_tokens=args.chunk,
                                    max_num_seqs=max(args.batches), device=str(device),
-                                   enforce_eager=args.enforce_eager)
+                                   enforce_eager=args.enforce_eager,
+                                   async_scheduling=args.async_scheduling)
     if args.num_kv_blocks:
         options["num_kv_blocks"] = args.num_kv_blocks
     if args.kv_fraction:
@@ -322,6 +327,10 @@ def decode_table(args: argparse.Namespace, device: torch.device, folder: Path) -
                 continue
             rows[batch, context] = row
             print_row(row)
+    graphs = engine.instance.graphs
+    if graphs is not None:
+        print(f"decode steps queued ahead (async scheduling): {graphs.steps_ahead}, of which "
+              f"used {graphs.steps_ahead_used}", flush=True)
     if args.no_hf:
         return
     # Greedy tokens of ours for the HF cross-check, then only the model is kept.
@@ -367,7 +376,8 @@ def longest(args: argparse.Namespace, device: torch.device, folder: Path) -> Non
         torch.cuda.empty_cache()
     options: dict[str, Any] = dict(load_format="dummy", max_num_batched_tokens=args.chunk,
                                    max_num_seqs=1, device=str(device),
-                                   enforce_eager=args.enforce_eager)
+                                   enforce_eager=args.enforce_eager,
+                                   async_scheduling=args.async_scheduling)
     if args.num_kv_blocks:
         options["num_kv_blocks"] = args.num_kv_blocks
     else:
@@ -438,6 +448,9 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: every step runs eagerly")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=True, help="queue the next decode step before this one's "
+                        "tokens reach the host (the engine's default)")
     parser.add_argument("--host-profile", action="store_true",
                         help="each row: Python functions by host time (cProfile)")
     parser.add_argument("--kernel-profile", action="store_true",
@@ -459,7 +472,8 @@ def main() -> None:
     print("command: python -P benchmarks/decode_e2e.py " + " ".join(sys.argv[1:]))
     print(f"hardware: {hardware(device)}", flush=True)
     graphs = device.type == "cuda" and not args.enforce_eager
-    print(f"decode steps: {'CUDA graphs' if graphs else 'eager'}")
+    print(f"decode steps: {'CUDA graphs' if graphs else 'eager'}, async scheduling "
+          f"{'on' if graphs and args.async_scheduling else 'off'}")
     with tempfile.TemporaryDirectory() as tmp:
         (longest if args.longest else decode_table)(args, device, Path(tmp))
 

@@ -127,7 +127,9 @@ class EngineConfig:
     memory (GPU: 0.9 of the memory free after the weights; CPU: 0.02 of the machine's RAM).
     `load_format` "dummy" fills the weights with seeded random values instead of reading them, so
     the model folder needs only config.json (benchmarks; vLLM's `load_format="dummy"`).
-    On CUDA, plain decode steps replay CUDA graphs unless `enforce_eager` (vLLM's name).
+    On CUDA, plain decode steps replay CUDA graphs unless `enforce_eager` (vLLM's name); with
+    `async_scheduling` (vLLM's name) and one instance, the next decode step is queued on the GPU
+    before this step's tokens reach the host, so the host's work between steps overlaps the GPU's.
     `data_backend` carries the instances' tensors: "auto" is NCCL on CUDA and gloo on CPU; "gloo"
     on CUDA lets several instances share one GPU (NCCL refuses that), for tests.
     """
@@ -147,6 +149,7 @@ class EngineConfig:
     worker_timeout_s: float = 300.0
     load_format: str = "auto"
     enforce_eager: bool = False
+    async_scheduling: bool = True
     data_backend: str = "auto"
 
     def __post_init__(self) -> None:

@@ -154,21 +154,38 @@ class Sampler:
         params: Sequence[SamplingParams],  # [B]
         generators: Sequence[torch.Generator | None],  # [B]; None: the default torch RNG
     ) -> SampleResult:
+        return self.result(logits, self.pick(logits, params, generators).tolist(), params)
+
+    def pick(
+        self,
+        logits: Tensor,  # [B, V] float32
+        params: Sequence[SamplingParams],  # [B]
+        generators: Sequence[torch.Generator | None],  # [B]; None: the default torch RNG
+    ) -> Tensor:  # [B] token ids, on the logits' device
+        """The tokens, left on the device: on a GPU the caller decides when to wait for them
+        (the engine queues the next decode step first)."""
         if logits.dim() != 2 or not len(params) == len(generators) == logits.shape[0]:
             raise ValueError(
                 f"logits {tuple(logits.shape)} need one params and one generator per row, "
                 f"got {len(params)} params and {len(generators)} generators"
             )
-        wants_logprobs = any(p.logprobs is not None for p in params)
-        # Greedy rows, ties to the lowest index; an all-greedy batch without logprobs ends here.
+        # Greedy rows, ties to the lowest index; an all-greedy batch ends here.
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
             rows = [params[i] for i in sampled_rows]
             gens = [generators[i] for i in sampled_rows]
             tokens[sampled_rows] = _sample(logits[sampled_rows].float(), rows, gens)
-        token_ids = tokens.tolist()
-        if not wants_logprobs:
+        return tokens
+
+    def result(
+        self,
+        logits: Tensor,  # [B, V] float32
+        token_ids: list[int],  # [B] what `pick` chose
+        params: Sequence[SamplingParams],  # [B]
+    ) -> SampleResult:
+        """The picked tokens with the logprobs the rows asked for."""
+        if not any(p.logprobs is not None for p in params):
             return SampleResult(token_ids, [None] * len(params))
         return SampleResult(token_ids, _logprobs(logits, token_ids, params))
 

@@ -6,6 +6,7 @@ has no default model), so prompts are token ids.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -62,12 +63,52 @@ def test_graph_tokens_equal_eager_and_hugging_face(tiny_llama: Path) -> None:
     captured = llm.engine.instance.graphs.graphs
     assert len({rows for rows, _ in captured}) >= 3, sorted(captured)  # the batch shrank
     assert any(splits > 1 for _, splits in captured), sorted(captured)
+    assert llm.engine.instance.graphs.steps_ahead_used > 0  # async scheduling took part
     assert all(s.free == s.total for s in llm.kv_stats())
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda()
     for ids, p, ours in list(zip(prompts, params, graphed))[::6]:
         out = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=p.max_tokens,
                           do_sample=False, eos_token_id=None, pad_token_id=0)
         assert out[0, len(ids):].tolist() == ours
+
+
+def test_async_scheduling_gives_the_same_outputs(tiny_llama: Path) -> None:
+    """Decode steps queued before the host has the tokens they take give the same tokens,
+    logprobs and finish reasons as steps queued after, through arrivals between steps, an
+    abort, stop tokens, a length limit and seeded sampling; steps queued for requests that
+    then stopped are dropped, and every block is free at the end."""
+    prompts, params = _requests(2, [random.Random(i).randint(1, 200) for i in range(12)])
+    plain, _ = _generate(tiny_llama, prompts, params, async_scheduling=False)
+    params = [dataclasses.replace(p, stop_token_ids=[out[3]]) if i % 3 == 0 else p
+              for i, (p, out) in enumerate(zip(params, plain))]  # stop on the 4th token or before
+    params[1] = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=30, ignore_eos=True)
+    params[2] = SamplingParams(temperature=0.0, max_tokens=12, logprobs=3, ignore_eos=True)
+
+    def run(async_scheduling: bool) -> tuple[dict[str, tuple], LLM]:
+        llm = LLM(str(tiny_llama), device="cuda", dtype="float32", block_size=16,
+                  num_kv_blocks=512, max_num_seqs=40, async_scheduling=async_scheduling)
+        engine, outputs, step = llm.engine, {}, 0
+        pending = [(str(i), prompt, p) for i, (prompt, p) in enumerate(zip(prompts, params))]
+        while pending or engine.has_unfinished_requests():
+            if step % 5 == 0:  # two arrivals every 5 steps
+                for request_id, prompt, p in pending[:2]:
+                    engine.add_request(prompt, p, request_id)
+                pending = pending[2:]
+            if step == 12:
+                engine.abort_request("5")
+            for out in engine.step():
+                c = out.outputs[0]
+                outputs[out.request_id] = (list(c.token_ids), c.finish_reason, c.logprobs)
+            step += 1
+        assert all(s.free == s.total for s in llm.kv_stats())
+        return outputs, llm
+
+    expected, _ = run(False)
+    got, llm = run(True)
+    assert got == expected
+    assert {finish for _, finish, _ in got.values()} == {"stop", "length", "abort"}
+    graphs = llm.engine.instance.graphs
+    assert 0 < graphs.steps_ahead_used < graphs.steps_ahead  # some were dropped
 
 
 def test_kv_split_over_two_instances_on_one_gpu(tiny_llama: Path) -> None:

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from infinite_llm.attention.dist import DistAttention, to_device
 from infinite_llm.cluster.comm import Cluster, rank_device
@@ -19,7 +20,7 @@ from infinite_llm.cluster.gmanager import Heartbeat
 from infinite_llm.cluster.messages import CreditorNotice, StepPlan, StepReport
 from infinite_llm.cluster.migration import migrate
 from infinite_llm.config import ConfigError, EngineConfig
-from infinite_llm.engine.cuda_graphs import DecodeGraphs
+from infinite_llm.engine.cuda_graphs import Ahead, DecodeGraphs
 from infinite_llm.engine.output import Detokenizer, RequestDelta
 from infinite_llm.engine.scheduler import ScheduledBatch, Scheduler
 from infinite_llm.engine.threads import StepThreads
@@ -52,6 +53,8 @@ class Instance:
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(model, self.attention, config.max_num_seqs)
+        self.async_scheduling = config.async_scheduling and cluster is None
+        self.ahead: Ahead | None = None  # the next decode step, queued before it was scheduled
         self.sampler = Sampler()
         # CPU steps pick their thread count by timing; a GPU step has nothing to choose.
         self.step_threads = StepThreads(torch.get_num_threads() if self.device.type == "cpu" else 1)
@@ -132,25 +135,52 @@ class Instance:
     def step(self, can_borrow: bool = False, senior: str | None = None) -> list[RequestDelta]:
         batch = self.scheduler.schedule(can_borrow, senior)
         self.last_batch_tokens = batch.total_tokens
-        if not self.attention.begin_step(batch.requests, batch.num_tokens):
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead.matches(batch.requests, batch.num_tokens):
+            assert self.graphs is not None
+            self.graphs.steps_ahead_used += 1
+            for request in ahead.requests:
+                request.num_computed_tokens += 1
+        elif not self.attention.begin_step(batch.requests, batch.num_tokens):
             return []
+        else:
+            ahead = None
         with self.step_threads(batch.total_tokens):
-            hidden, last_token_rows = self._forward(batch)
-            done = [r for r in batch.requests if r.num_uncomputed_tokens == 0]
+            done, hidden = (ahead.requests, ahead.hidden) if ahead else self._forward(batch)
             if not done:
                 return []
-            rows = to_device([last_token_rows[r.request_id] for r in done], torch.long,
-                             self.device)
-            logits = self.model.compute_logits(hidden[rows])
-            result = self.sampler(logits, [r.params for r in done], [r.generator for r in done])
+            logits = self.model.compute_logits(hidden)
+            params = [r.params for r in done]
+            tokens = self.sampler.pick(logits, params, [r.generator for r in done])
+            result = self.sampler.result(logits, self._to_host(tokens, done, batch), params)
         return [
             self._postprocess(r, token, logprobs)
             for r, token, logprobs in zip(done, result.token_ids, result.logprobs)
         ]
 
-    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, dict[str, int]]:
-        """Run the model over the batch's tokens; returns hidden states and each request's
-        last row."""
+    def _to_host(self, tokens: Tensor, done: list[Request], batch: ScheduledBatch) -> list[int]:
+        """The sampled tokens as a list. On a GPU, when every request of a plain decode step
+        will go on decoding as far as the host knows, the next step is queued (`launch_ahead`)
+        between the copy of the tokens and the wait for it, so the GPU computes that step while
+        the host handles this one's outputs and schedules."""
+        if self.graphs is None:
+            return tokens.tolist()
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        goes_on = (self.async_scheduling and not self.scheduler.waiting
+                   and len(done) == len(batch.requests)
+                   and all(r.params.logprobs is None and r.num_output_tokens + 1 < r.max_tokens
+                           for r in done))
+        if goes_on:
+            self.ahead = self.graphs.launch_ahead(done, tokens)
+        copied.synchronize()
+        return host.tolist()
+
+    def _forward(self, batch: ScheduledBatch) -> tuple[list[Request], Tensor]:
+        """Run the model over the batch's tokens; returns the requests whose uncomputed tokens
+        are all computed now (they sample) and the hidden state of each one's last token."""
         ids: list[int] = []
         positions: list[int] = []
         last_row: dict[str, int] = {}
@@ -166,7 +196,11 @@ class Instance:
             hidden = self.model(input_ids, pos, self.attention)
         for request, n in zip(batch.requests, batch.num_tokens):
             request.num_computed_tokens += n
-        return hidden, last_row
+        done = [r for r in batch.requests if r.num_uncomputed_tokens == 0]
+        rows = [last_row[r.request_id] for r in done]
+        if rows != list(range(len(hidden))):  # plain decode keeps every row, in order
+            hidden = hidden[to_device(rows, torch.long, self.device)]
+        return done, hidden
 
     def _postprocess(
         self, request: Request, token: int, logprobs: dict[int, float] | None

@@ -10,17 +10,28 @@ Steps are padded to a bucket of rows (1, 2, 4, 8, then multiples of 16): padding
 and the K/V slot `PAD_SLOT`, so they store nothing and their outputs are ignored. Each bucket gets a
 graph per decode split count (a power of two), captured at its first use; all graphs share one
 memory pool, as only one runs at a time.
+
+While the host waits for a decode step's sampled tokens, the next decode step of the same
+requests is already queued behind it (`launch_ahead`): its input ids are the sampled tokens,
+still on the GPU. The host's work between steps (outputs, scheduling, the next step's layout)
+then runs while the GPU computes that step, instead of the GPU idling through it. The next step
+uses it when the scheduler picks exactly those requests again (`Ahead.matches`); otherwise it is
+dropped: the K/V it stored are the same values the recomputation stores, and finished requests'
+slots are written before any later owner of their blocks writes them (one stream).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from infinite_llm.attention import PAD_SLOT, graph_decode_ops, graph_decode_splits
-from infinite_llm.attention.dist import DistAttention
+from infinite_llm.attention.dist import DistAttention, to_device
 from infinite_llm.attention.reference import PagedBatch
 from infinite_llm.models.llama import LlamaForCausalLM
+from infinite_llm.request import Request
 
 
 def buckets(max_rows: int) -> list[int]:
@@ -28,6 +39,24 @@ def buckets(max_rows: int) -> list[int]:
     sizes = [n for n in (1, 2, 4, 8) if n < max_rows]
     sizes += range(16, max_rows, 16)
     return [*sizes, max_rows]
+
+
+@dataclass(slots=True)
+class Ahead:
+    """A decode step queued before the scheduler chose it: requests' rows in `hidden` and the
+    position each computes."""
+
+    requests: list[Request]
+    positions: list[int]
+    hidden: Tensor
+
+    def matches(self, requests: list[Request], num_tokens: list[int]) -> bool:
+        """Whether the scheduled step is this one: the same requests (in any order), each
+        computing its next token at the position computed ahead."""
+        return (len(requests) == len(self.requests) and all(n == 1 for n in num_tokens)
+                and {id(r) for r in requests} == {id(r) for r in self.requests}
+                and all(r.num_computed_tokens == p and r.num_uncomputed_tokens == 1
+                        for r, p in zip(self.requests, self.positions)))
 
 
 class DecodeGraphs:
@@ -49,6 +78,26 @@ class DecodeGraphs:
         self.cu_q_lens = torch.arange(max_rows + 1, dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.memory = torch.cuda.graph_pool_handle()
+        self.steps_ahead = 0  # steps launched ahead; `Instance` counts those it used
+        self.steps_ahead_used = 0
+
+    def launch_ahead(self, requests: list[Request], tokens: Tensor) -> Ahead | None:
+        """Queue the decode step that feeds each request its sampled token (`tokens`, on the
+        GPU, not yet known to the host), or None when the pool lacks a block it needs or the
+        step isn't plain decode. The blocks it takes are those the scheduler would take."""
+        rmanager = self.attention.rmanager
+        if sum(rmanager.blocks_needed(r, 1) for r in requests) > rmanager.pool.num_free:
+            return None
+        for request in requests:
+            rmanager.reserve(request, 1)
+        if not self.attention.begin_step(requests, [1] * len(requests)):
+            return None
+        positions = [r.num_computed_tokens for r in requests]
+        hidden = self.forward(tokens, to_device(positions, torch.long, tokens.device))
+        if hidden is None:
+            return None
+        self.steps_ahead += 1
+        return Ahead(requests, positions, hidden)
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor | None:
         """Hidden states of this step from a graph, or None when the step isn't plain decode

@@ -35,7 +35,7 @@ _ENGINE_FLAGS: dict[str, type] = {
     "device": str, "dtype": str, "num_kv_blocks": int, "kv_cache_fraction": float,
     "block_size": int, "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int,
     "seed": int, "num_instances": int, "kv_mode": str, "worker_timeout_s": float,
-    "enforce_eager": bool, "data_backend": str,
+    "enforce_eager": bool, "async_scheduling": bool, "data_backend": str,
 }
 
 
@@ -44,8 +44,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
     for name, kind in _ENGINE_FLAGS.items():
         if name in skip:
             continue
-        if kind is bool:  # a switch: present = True, absent = EngineConfig's default
-            group.add_argument(f"--{name.replace('_', '-')}", action="store_true", default=None)
+        if kind is bool:  # --name / --no-name; absent = EngineConfig's default
+            group.add_argument(f"--{name.replace('_', '-')}",
+                               action=argparse.BooleanOptionalAction, default=None)
         else:
             group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
 
