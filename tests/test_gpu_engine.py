@@ -93,15 +93,15 @@ def test_async_scheduling_gives_the_same_outputs(tiny_llama: Path) -> None:
             if step % 5 == 0:  # two arrivals every 5 steps
                 for request_id, prompt, p in pending[:2]:
                     engine.add_request(prompt, p, request_id)
+                    outputs[request_id] = engine.outputs[request_id]  # updated in place
                 pending = pending[2:]
             if step == 12:
                 engine.abort_request("5")
-            for out in engine.step():
-                c = out.outputs[0]
-                outputs[out.request_id] = (list(c.token_ids), c.finish_reason, c.logprobs)
+            engine.step()
             step += 1
         assert all(s.free == s.total for s in llm.kv_stats())
-        return outputs, llm
+        return {i: (o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].logprobs)
+                for i, o in outputs.items()}, llm
 
     expected, _ = run(False)
     got, llm = run(True)
