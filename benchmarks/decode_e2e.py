@@ -327,10 +327,10 @@ def decode_table(args: argparse.Namespace, device: torch.device, folder: Path) -
                 continue
             rows[batch, context] = row
             print_row(row)
-    graphs = engine.instance.graphs
-    if graphs is not None:
-        print(f"decode steps queued ahead (async scheduling): {graphs.steps_ahead}, of which "
-              f"used {graphs.steps_ahead_used}", flush=True)
+    if engine.instance.graphs is not None:  # (no local name: HF below needs the pool freed)
+        print(f"decode steps queued ahead (async scheduling): "
+              f"{engine.instance.graphs.steps_ahead}, of which used "
+              f"{engine.instance.graphs.steps_ahead_used}", flush=True)
     if args.no_hf:
         return
     # Greedy tokens of ours for the HF cross-check, then only the model is kept.
