@@ -7,7 +7,9 @@ ids, greedy, `ignore_eos`, `max_tokens=output_len`, arrivals honoured on the wal
 rejected). Prints the hardware, then per mode output tokens/s, requests/s, TTFT and TPOT p50/p99,
 rejections and wall time, with the clock-free cross-checks (steps, output tokens per step,
 preemptions, steps that exchanged, free KV while requests waited), then the pooled/static ratios,
-and what the lockstep simulator predicts for the same trace with the given calibration.
+and what the lockstep simulator predicts for the same trace with the given calibration, with
+its own clock-free cross-checks (and where the free memory sat: beside a queue whose head
+didn't fit).
 
 The default trace, `benchmarks/traces/stranding_4x1k.jsonl`, is made for 4 instances of 64
 blocks x 16 tokens (1024 tokens each): 17 long documents that each need 62-91% of one instance,
@@ -16,6 +18,10 @@ among short chats that keep arriving faster than the cluster serves them. It was
     python -m infinite_llm.sim.trace --num 160 --rate 16 --seed 1 --long-frac 0.12 \
         --short 16 96 --long 560 860 --output 16 128 \
         --out benchmarks/traces/stranding_4x1k.jsonl
+
+`benchmarks/traces/halfplus_4x1k.jsonl` (`--trace`) is the trace where stranding is all there
+is: every request needs 53-65% of one instance, so a static instance holds one at a time
+(benchmarks/traces/README.md says how each trace was made and why).
 
 Run (the tiny random Llama by default; `--model` for a real checkpoint):
 
@@ -149,6 +155,11 @@ def main() -> None:
             cfg = replace(cfg, lend_to_running=cfg.lend_to_running or a.lend_to_running)
             sm = sim_metrics(simulate_lockstep(cfg, cost, trace))
             sim[mode] = asdict(sm)
+            print(f"simulator {mode}: {sm.output_tokens_per_s:.1f} output tokens/s | "
+                  f"{sm.steps} steps, {sm.output_tokens_per_step:.2f} tok/step, "
+                  f"{sm.preemptions} preempt, {sm.exchange_steps} exch, "
+                  f"{sm.free_while_waiting:.0%} free/wait ({sm.free_beside_queue:.0%} beside a "
+                  f"queue), head blocked in {sm.blocked_share:.0%} of instance-steps")
         if len(sim) == 2:
             sr = sim["pooled"]["output_tokens_per_s"] / sim["static"]["output_tokens_per_s"]
             print(f"simulator (lockstep, {a.calibration}): pooled "

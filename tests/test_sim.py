@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from infinite_llm.sim.__main__ import main as sim_main
 from infinite_llm.sim.cluster import SimConfig, Simulator, simulate
 from infinite_llm.sim.cost import DEFAULT_CALIBRATION, CostModel
 from infinite_llm.sim.lockstep import LockstepSimulator
-from infinite_llm.sim.report import metrics
+from infinite_llm.sim.report import memory_table, metrics
 from infinite_llm.sim.request import Status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +126,48 @@ def test_lockstep_pair_too_large_to_run_together_finishes(lend_to_running: bool)
     assert_accounted(sim)
     assert all(r.status is Status.FINISHED for r in sim.requests)
     assert result.num_preemptions <= 1
+
+
+def test_lockstep_counts_memory_stranded_beside_a_blocked_head() -> None:
+    """One instance of 4 blocks x 16 tokens. `a` (33 + 3 tokens) takes 3 blocks; `b` (33) needs
+    3 and the admission headroom a block for `a`, so it waits two steps beside 1 free block
+    (blocked: 25% free), then once with all 4 free after `a` finishes (not blocked), and runs
+    in the fourth step: 3 waiting steps, free (0.25 + 0.25 + 1) / 3 = 50%, head blocked in 2 of
+    4 instance-steps, 4 output tokens in 4 steps."""
+    trace = [tr.TraceRequest("a", 0.0, 33, 3), tr.TraceRequest("b", 0.0, 33, 1)]
+    cfg = SimConfig(1, "static", blocks_per_instance=4, block_size=16, reserve_blocks=0,
+                    max_stall_steps=4)
+    sim = LockstepSimulator(cfg, COST, trace)
+    m = metrics(sim.run())
+    assert_accounted(sim)
+    assert (m.steps, m.output_tokens_per_step, m.exchange_steps) == (4, 1.0, 0)
+    assert (m.free_while_waiting, m.free_beside_queue, m.blocked_share) == (0.5, 0.5, 0.5)
+
+
+def test_lockstep_memory_table_where_long_requests_strand_static_memory() -> None:
+    """`halfplus_4x1k`: every request needs more than half of one instance, so a static
+    instance holds one and the rest of its memory waits beside its queue; pooling without
+    lending to running instances (the CPU policy) runs the same schedule, and lending to
+    them (exchange as cheap as a GPU's) uses some of that memory, exchanging to do it.
+    Arrivals 10x denser: this cost model's instances are faster than the CPU the trace is
+    sized for, and the trace is meant to keep them saturated."""
+    trace = [replace(r, arrival_s=r.arrival_s / 10)
+             for r in tr.load(ROOT / "benchmarks" / "traces" / "halfplus_4x1k.jsonl")]
+    cfg = SimConfig(4, "static", blocks_per_instance=64, reserve_blocks=0, max_stall_steps=4,
+                    efficient_batch_tokens=256, lend_to_running=False)
+    static, cpu, lending = (
+        metrics(LockstepSimulator(c, COST, trace).run())
+        for c in (cfg, replace(cfg, mode="pooled"), replace(cfg, mode="pooled",
+                                                            lend_to_running=True)))
+    assert static.exchange_steps == cpu.exchange_steps == 0
+    assert static.free_beside_queue > 0.35 and static.blocked_share > 0.5
+    assert (cpu.steps, cpu.output_tokens_per_step, cpu.free_while_waiting) == \
+        (static.steps, static.output_tokens_per_step, static.free_while_waiting)
+    assert lending.exchange_steps > 0
+    assert lending.free_while_waiting < static.free_while_waiting
+    assert lending.output_tokens_per_step > static.output_tokens_per_step
+    assert lending.preemptions >= static.preemptions == 0
+    assert "beside queue" in memory_table([static, cpu, lending])
 
 
 def test_runs_are_deterministic() -> None:

@@ -26,7 +26,7 @@ from infinite_llm.sim import trace as tr
 from infinite_llm.sim.cluster import MODES, SimConfig, simulate
 from infinite_llm.sim.cost import DEFAULT_CALIBRATION, CostModel
 from infinite_llm.sim.lockstep import simulate_lockstep
-from infinite_llm.sim.report import metrics, plot, table
+from infinite_llm.sim.report import memory_table, metrics, plot, table
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         m.wall_s)
             rows.append(m)
     print(table(rows), flush=True)
+    if a.lockstep:
+        print(memory_table(rows), flush=True)
     if a.plots:
         src = a.trace or f"generated {a.per_instance}/instance at {a.rate_per_instance}/s/instance"
         for path in plot(rows, a.plots, title=f"pooled vs static, trace: {src}; "

@@ -84,6 +84,13 @@ class SimResult:
     window_s: float = 0.0  # from the first arrival to the first plan after the last one
     window_tokens: int = 0  # output tokens sampled in that window
     wall_s: float = 0.0
+    # Lockstep only, counted after every step as the engine's replay counts them
+    # (`infinite_llm.sim.replay`): where memory sits while requests wait.
+    exchange_steps: int = 0  # steps in which an instance with KV elsewhere computed
+    waiting_steps: int = 0  # steps after which some request waited for admission
+    free_while_waiting: float = 0.0  # sum over those steps: free fraction of all blocks
+    free_beside_queue: float = 0.0  # the same, counting only instances with a queue
+    blocked: float = 0.0  # sum over steps: share of instances whose queue head doesn't fit
 
 
 class Simulator:

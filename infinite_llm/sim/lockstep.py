@@ -145,9 +145,12 @@ class LockstepSimulator(Simulator):
             t += self._lockstep_time()
             self._last_step_s = t
             res.num_steps += 1
+            res.exchange_steps += any(len(req.blocks) > 1 for inst in self.instances
+                                      for req, _ in inst.batch)
             sampled = sum(inst.num_sampled for inst in self.instances)
             for inst in self.instances:
                 self._in_flight -= len(inst.finish_step(t, ledger))
+            self._count_memory()
             progress = sum(inst.num_sampled for inst in self.instances) > sampled
             idle_steps = 0 if progress else idle_steps + 1
             if idle_steps > self.config.stuck_after_s / self.cost.cluster_step_s([]):
@@ -159,6 +162,20 @@ class LockstepSimulator(Simulator):
         res.num_preemptions = sum(i.num_preemptions for i in self.instances)
         res.wall_s = time.perf_counter() - start
         return res
+
+    def _count_memory(self) -> None:
+        """After a step: free memory while requests wait, in all and beside the queues, and
+        the share of instances whose queue head needs more blocks than they can take now."""
+        res, ledger = self.result, self.ledger
+        queued = [inst for inst in self.instances if inst.waiting]
+        if not queued:
+            return
+        total = ledger.total * len(self.instances)
+        res.waiting_steps += 1
+        res.free_while_waiting += sum(ledger.free) / total
+        res.free_beside_queue += sum(ledger.free[inst.index] for inst in queued) / total
+        res.blocked += sum(ledger.blocks_for(inst.waiting[0], inst.waiting[0].num_uncomputed)
+                           > ledger.available(inst.index) for inst in queued) / len(self.instances)
 
     def _lockstep_time(self) -> float:
         """`CostModel.cluster_step_s` over the instances with a batch: their compute, plus the

@@ -42,6 +42,13 @@ class Metrics:
     migrations: int
     sim_s: float  # simulated makespan
     wall_s: float  # time the simulation itself took
+    # Lockstep only (0 otherwise), defined as `benchmarks/pooled_vs_static.py` prints them:
+    steps: int = 0
+    output_tokens_per_step: float = 0.0
+    exchange_steps: int = 0
+    free_while_waiting: float = 0.0  # mean free fraction of all KV while requests waited
+    free_beside_queue: float = 0.0  # the part of it on instances that had a queue themselves
+    blocked_share: float = 0.0  # instance-steps whose queue head needed more than they had
 
     @property
     def rejected_ratio(self) -> float:
@@ -78,7 +85,13 @@ def metrics(result: SimResult) -> Metrics:
         tpot_p50_s=percentile(tpot, 50), tpot_p99_s=percentile(tpot, 99),
         preemptions=result.num_preemptions, leases=result.num_leases,
         leased_blocks=result.leased_blocks,
-        migrations=result.num_migrations, sim_s=span, wall_s=result.wall_s)
+        migrations=result.num_migrations, sim_s=span, wall_s=result.wall_s,
+        steps=result.num_steps,
+        output_tokens_per_step=sum(r.output_len for r in done) / max(1, result.num_steps),
+        exchange_steps=result.exchange_steps,
+        free_while_waiting=result.free_while_waiting / max(1, result.waiting_steps),
+        free_beside_queue=result.free_beside_queue / max(1, result.waiting_steps),
+        blocked_share=result.blocked / max(1, result.num_steps))
 
 
 _HEADER = (f"{'inst':>5} {'mode':<6} {'reqs':>6} {'rejected':>12} {'out tok/s':>10} "
@@ -103,6 +116,19 @@ def table(rows: Sequence[Metrics]) -> str:
             f"{m.requests_per_s:>8.1f} {m.ttft_p50_s * 1e3:>6.0f}ms {m.ttft_p99_s * 1e3:>6.0f}ms "
             f"{m.tpot_p50_s * 1e3:>6.1f}ms {m.tpot_p99_s * 1e3:>6.1f}ms {m.preemptions:>7} "
             f"{m.leases:>7} {m.migrations:>5} {m.wall_s:>5.1f}s {ratio:>6}".rstrip())
+    return "\n".join(lines)
+
+
+def memory_table(rows: Sequence[Metrics]) -> str:
+    """Where the lockstep runs' steps and memory went: output tokens per step, steps that
+    exchanged, free KV while requests waited (all of it, and the part on instances whose own
+    queue waited: stranded beside a head that doesn't fit), and how often a head didn't fit."""
+    lines = [f"{'inst':>5} {'mode':<6} {'steps':>7} {'tok/step':>8} {'exch':>7} "
+             f"{'free/wait':>9} {'beside queue':>12} {'head blocked':>12}"]
+    for m in rows:
+        lines.append(f"{m.instances:>5} {m.mode:<6} {m.steps:>7} {m.output_tokens_per_step:>8.2f} "
+                     f"{m.exchange_steps:>7} {m.free_while_waiting:>9.0%} "
+                     f"{m.free_beside_queue:>12.0%} {m.blocked_share:>12.0%}")
     return "\n".join(lines)
 
 
