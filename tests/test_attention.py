@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -102,27 +103,38 @@ def test_split_paged_attention_merged_equals_sdpa(case) -> None:
     torch.testing.assert_close(out, torch.cat(expected), atol=2e-5, rtol=2e-5)
 
 
-def test_decode_path_matches_row_path() -> None:
-    """The batched decode path (one query per row) equals the per-row prefill path."""
+@pytest.mark.parametrize("q_lens", [[1, 1, 1, 1], [3, 2, 4, 1], [5, 6, 7, 8], [0, 2, 1, 2]])
+def test_rows_attended_together_equal_each_row_alone(q_lens: list[int]) -> None:
+    """Rows batched into one call per group (queries padded to the group's longest, keys to
+    its longest row) give each row what it gets attended alone: decode rows, prompts of
+    different lengths, a mix, and a row without queries."""
     gen = torch.Generator().manual_seed(0)
     k_cache = torch.randn(16, 4, 2, 8, generator=gen)
     v_cache = torch.randn(16, 4, 2, 8, generator=gen)
-    q = torch.randn(3, 4, 8, generator=gen)
-    table = torch.tensor([[3, 5, 0], [7, 1, 2], [9, 0, 0]], dtype=torch.int32)
-    kv_lens = [6, 11, 2]
-    def batch(cu: list[int], q_lens: list[int], rows: list[int]) -> PagedBatch:
+    table = torch.tensor([[3, 5, 0], [7, 1, 2], [9, 0, 0], [4, 6, 8]], dtype=torch.int32)
+    kv_lens = [6, 11, 2, 9]
+    kv_starts = [0, 0, 3, 1]
+    positions = [list(range(kv_starts[r] + kv_lens[r] - n, kv_starts[r] + kv_lens[r]))
+                 for r, n in enumerate(q_lens)]
+    q = torch.randn(sum(q_lens), 6, 8, generator=gen)
+
+    def batch(rows: list[int]) -> PagedBatch:
+        lens = [q_lens[r] for r in rows]
         return PagedBatch(
-            cu_q_lens=torch.tensor(cu), q_positions=torch.tensor([5, 10, 1])[rows],
-            block_tables=table[rows], kv_starts=torch.zeros(len(rows), dtype=torch.long),
-            kv_lens=torch.tensor(kv_lens)[rows], q_lens=q_lens,
+            cu_q_lens=torch.tensor([0, *itertools.accumulate(lens)]),
+            q_positions=torch.tensor([p for r in rows for p in positions[r]], dtype=torch.long),
+            block_tables=table[rows], kv_starts=torch.tensor(kv_starts)[rows],
+            kv_lens=torch.tensor(kv_lens)[rows], q_lens=lens,
             kv_lens_host=[kv_lens[r] for r in rows],
         )
-    out, lse = paged_attention(q, k_cache, v_cache, batch([0, 1, 2, 3], [1, 1, 1], [0, 1, 2]), 0.3)
-    for r in range(3):
-        o, s = paged_attention(q[r : r + 1].repeat(2, 1, 1)[:1], k_cache, v_cache,
-                               batch([0, 1], [1], [r]), 0.3)
-        torch.testing.assert_close(out[r], o[0])
-        torch.testing.assert_close(lse[r], s[0])
+
+    out, lse = paged_attention(q, k_cache, v_cache, batch([0, 1, 2, 3]), 0.3)
+    start = 0
+    for r, n in enumerate(q_lens):
+        o, s = paged_attention(q[start : start + n], k_cache, v_cache, batch([r]), 0.3)
+        torch.testing.assert_close(out[start : start + n], o)
+        torch.testing.assert_close(lse[start : start + n], s)
+        start += n
 
 
 def test_query_without_visible_keys_has_minus_inf_lse_and_zero_weight() -> None:

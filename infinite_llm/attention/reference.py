@@ -17,20 +17,27 @@ which keys each query sees), so it is worked out once per batch (`_KeyLayout`) a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 from torch import Tensor
 
-_DECODE = "decode"  # `PagedBatch.layouts` key of the batched one-query-per-row layout
-
 
 @dataclass(slots=True)
 class _KeyLayout:
-    """Layer-invariant part of attending some rows: what to gather and what each query sees."""
+    """Layer-invariant part of attending a group of rows in one call, each row's queries padded
+    to the group's longest run (a row's last query repeated): what to gather, what each query
+    sees, and where the results go."""
 
     blocks: Tensor  # [R * num_blocks] int64, the rows' block tables, flattened
     mask: Tensor  # [R, 1, group * Q, L] float32: 0 where the query sees the key, else -inf
     blind: Tensor | None  # [R, 1, group * Q] bool, queries that see no key; None if none do
+    num_q: int  # Q: queries per row after padding
+    queries: Tensor | None  # [R * Q] int64, the token of each padded query; None if every
+    #                         token in order (R * Q == num_tokens)
+    results: Tensor | None  # [n] int64, the padded query of each of the group's n tokens;
+    #                         None if no row is padded (n == R * Q)
+    tokens: Tensor | None  # [n] int64, the group's tokens in the step; None if all, in order
 
 
 @dataclass(slots=True)
@@ -45,8 +52,8 @@ class PagedBatch:
     q_lens: list[int]  # host copy of cu_q_lens' differences, for Python-side control flow
     kv_lens_host: list[int]  # host copy of kv_lens
     # Built by `paged_attention` on first use and reused by later layers; the fields above must
-    # not change once a layout exists (build a new batch instead).
-    layouts: dict[str | int, _KeyLayout] = field(default_factory=dict, repr=False, compare=False)
+    # not change once layouts exist (build a new batch instead).
+    layouts: list[_KeyLayout] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_rows(self) -> int:
@@ -73,68 +80,102 @@ def paged_attention(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     """Partial attention of every row; returns out [num_tokens, num_heads, head_dim] (q's dtype)
-    and lse [num_tokens, num_heads] (float32)."""
+    and lse [num_tokens, num_heads] (float32).
+
+    Rows are attended in groups of similar query counts (`_groups`), one call per group: a
+    decode step's rows are one group, and so are a batch of prompts of similar lengths, where a
+    call per row would cost a kernel launch (on a busy CPU, a wait for every thread) per row and
+    layer.
+    """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     if num_tokens == 0:
         return q.new_zeros(q.shape), q.new_zeros((0, num_heads), dtype=torch.float32)
-    if batch.num_rows == num_tokens and all(n == 1 for n in batch.q_lens):
-        # Decode: one query per row, every row in one padded batched computation; a row's
-        # `group` query heads that share a KV head are its queries there.
-        layout = batch.layouts.get(_DECODE)
-        if layout is None:
-            layout = batch.layouts[_DECODE] = _key_layout(
-                batch, slice(0, num_tokens), batch.q_positions[:, None], group, k_cache.shape[1])
-        qg = q.view(num_tokens, num_kv_heads, group, head_dim)
-        out, lse = _attend(qg, k_cache, v_cache, layout, scale)
-        return (out.reshape(num_tokens, num_heads, head_dim).to(q.dtype),
-                lse.reshape(num_tokens, num_heads))
+    if batch.layouts is None:
+        batch.layouts = [_key_layout(batch, rows, group, k_cache.shape[1])
+                         for rows in _groups(batch.q_lens)]
+    if len(batch.layouts) == 1 and batch.layouts[0].tokens is None:  # every token, in order
+        return _attend_rows(q, k_cache, v_cache, batch.layouts[0], scale)
     out = q.new_zeros(num_tokens, num_heads, head_dim)
     lse = q.new_full((num_tokens, num_heads), float("-inf"), dtype=torch.float32)
-    start = 0
-    for row, q_len in enumerate(batch.q_lens):
-        # Prefill chunks: one row at a time, so no padding to the longest query run.
-        end = start + q_len
-        if q_len and batch.kv_lens_host[row]:
-            layout = batch.layouts.get(row)
-            if layout is None:
-                layout = batch.layouts[row] = _key_layout(
-                    batch, slice(row, row + 1), batch.q_positions[None, start:end], group,
-                    k_cache.shape[1])
-            qg = q[start:end].view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-            o, s = _attend(qg.reshape(1, num_kv_heads, group * q_len, head_dim), k_cache,
-                           v_cache, layout, scale)
-            o = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
-            out[start:end] = o.reshape(q_len, num_heads, head_dim)
-            lse[start:end] = s.view(num_kv_heads, group, q_len).permute(2, 0, 1).reshape(
-                q_len, num_heads)
-        start = end
+    for layout in batch.layouts:
+        o, s = _attend_rows(q, k_cache, v_cache, layout, scale)
+        out.index_copy_(0, layout.tokens, o)
+        lse.index_copy_(0, layout.tokens, s)
     return out, lse
 
 
-def _key_layout(
-    batch: PagedBatch,
-    rows: slice,
-    q_pos: Tensor,  # [R, Q] absolute positions of each row's queries
-    group: int,
-    block_size: int,
-) -> _KeyLayout:
-    """The `_KeyLayout` of `rows`, their keys padded to the longest row's whole blocks; query
-    index g * Q + i of a row is query head g of its i-th query (see `_attend`)."""
-    num_rows, num_q = q_pos.shape
-    num_blocks = max(1, -(-max(batch.kv_lens_host[rows]) // block_size))
-    offsets = torch.arange(num_blocks * block_size, device=q_pos.device)
-    k_pos = batch.kv_starts[rows, None] + offsets  # [R, L]
-    k_valid = offsets < batch.kv_lens[rows, None]  # [R, L]
+def _attend_rows(
+    q: Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    layout: _KeyLayout,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """One group's attention in one call: out [n, num_heads, head_dim] (q's dtype) and lse
+    [n, num_heads] of the group's n tokens, in the group's order."""
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    rows, num_q = layout.mask.shape[0], layout.num_q
+    qg = q if layout.queries is None else q.index_select(0, layout.queries)
+    # [R * Q, heads, d] -> [R, kv_heads, group * Q, d]: query g * Q + i of a row is query head g
+    # (of its KV head) of the row's i-th query.
+    qg = qg.view(rows, num_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    out, lse = _attend(qg.reshape(rows, num_kv_heads, group * num_q, head_dim), k_cache,
+                       v_cache, layout, scale)
+    out = out.view(rows, num_kv_heads, group, num_q, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(rows * num_q, num_heads, head_dim)
+    lse = lse.view(rows, num_kv_heads, group, num_q).permute(0, 3, 1, 2).reshape(-1, num_heads)
+    if layout.results is not None:
+        out, lse = out.index_select(0, layout.results), lse.index_select(0, layout.results)
+    return out.to(q.dtype), lse
+
+
+def _groups(q_lens: list[int]) -> list[list[int]]:
+    """Rows with queries, grouped by the power of two their query count rounds up to: padding
+    a row to its group's longest costs at most twice its queries, and a step of decodes or of
+    similar prompts is one group."""
+    groups: dict[int, list[int]] = {}
+    for row, n in enumerate(q_lens):
+        if n:
+            groups.setdefault((n - 1).bit_length(), []).append(row)
+    return list(groups.values())
+
+
+def _key_layout(batch: PagedBatch, rows: list[int], group: int, block_size: int) -> _KeyLayout:
+    """The `_KeyLayout` of `rows`, their queries padded to the longest row's and their keys to
+    the longest row's whole blocks."""
+    device = batch.q_positions.device
+    q_lens = [batch.q_lens[r] for r in rows]
+    starts = list(accumulate(batch.q_lens, initial=0))
+    num_q = max(q_lens)
+    queries = [starts[r] + min(i, n - 1) for r, n in zip(rows, q_lens) for i in range(num_q)]
+    results = [j * num_q + i for j, n in enumerate(q_lens) for i in range(n)]
+    tokens = [starts[r] + i for r, n in zip(rows, q_lens) for i in range(n)]
+    every = len(tokens) == len(batch.q_positions)  # then `tokens` is 0..num_tokens-1
+    rows_t = torch.tensor(rows, device=device)
+    queries_t = torch.tensor(queries, device=device)
+    q_pos = batch.q_positions[queries_t].view(len(rows), num_q)  # [R, Q]
+    kv_starts, kv_lens = batch.kv_starts[rows_t], batch.kv_lens[rows_t]
+    num_blocks = max(1, -(-max(batch.kv_lens_host[r] for r in rows) // block_size))
+    offsets = torch.arange(num_blocks * block_size, device=device)
+    k_pos = kv_starts[:, None] + offsets  # [R, L]
+    k_valid = offsets < kv_lens[:, None]  # [R, L]
     visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [R, Q, L]
-    visible = visible[:, None].expand(-1, group, -1, -1).reshape(num_rows, 1, group * num_q, -1)
-    mask = torch.zeros(visible.shape, device=q_pos.device).masked_fill_(~visible, float("-inf"))
+    visible = visible[:, None].expand(-1, group, -1, -1).reshape(len(rows), 1, group * num_q, -1)
+    mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
     blind = ~visible.any(dim=-1)
     return _KeyLayout(
-        blocks=batch.block_tables[rows, :num_blocks].reshape(-1).long(),
+        blocks=batch.block_tables[rows_t, :num_blocks].reshape(-1).long(),
         mask=mask,
         blind=blind if bool(blind.any()) else None,
+        num_q=num_q,
+        queries=None if queries == list(range(len(batch.q_positions))) else queries_t,
+        results=None if results == list(range(len(queries))) else torch.tensor(
+            results, device=device),
+        tokens=None if every else torch.tensor(tokens, device=device),
     )
 
 
