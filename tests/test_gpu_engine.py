@@ -199,6 +199,12 @@ def test_fused_ops_equal_torch_path(dtype: torch.dtype) -> None:
     norm.weight.data = torch.randn(576, generator=gen).to(dtype)
     out = fused.rms_norm(x.cuda(), norm.weight.cuda(), 1e-5)
     torch.testing.assert_close(out.cpu(), norm(x), atol=TOL[dtype], rtol=TOL[dtype])
+    residual = torch.randn(37, 576, generator=gen).to(dtype)
+    residual_gpu = residual.cuda()
+    out = fused.add_rms_norm(x.cuda(), residual_gpu, norm.weight.cuda(), 1e-5)
+    ref = norm.add(x, residual)  # adds in place, like the kernel
+    assert torch.equal(residual_gpu.cpu(), residual)  # the stream rounds as torch's add does
+    torch.testing.assert_close(out.cpu(), ref, atol=TOL[dtype], rtol=TOL[dtype])
 
     rope = RotaryEmbedding(64, 500000.0, RopeScaling("llama3", 8.0, 1.0, 4.0, 64), 4096)
     positions = torch.randint(0, 4096, (37,), generator=gen)

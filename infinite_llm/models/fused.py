@@ -1,4 +1,5 @@
-"""Triton kernels for the model's elementwise work on GPU: RMSNorm, RoPE, SiLU(gate) * up.
+"""Triton kernels for the model's elementwise work on GPU: RMSNorm (alone, or after the residual
+add), RoPE, SiLU(gate) * up.
 
 In torch each is a chain of 3-8 kernels (casts, powers, means, products) that read and write the
 activations again and again; at decode batch sizes a step is hundreds of such tiny launches, so
@@ -45,6 +46,37 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
                                          x2.shape[1], eps, BLOCK=_pow2(x2.shape[1]),
                                          num_warps=4 if x2.shape[1] <= 4096 else 8)
     return out.view(x.shape)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_out, n_cols,
+                         eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (x + r).to(dtype)  # the residual stream, rounded as torch's add rounds it
+    tl.store(r_ptr + row * stride_r + offs, s, mask=mask)
+    s = s.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(s * s, 0) / n_cols + eps)
+    y = (s * inv).to(dtype).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + offs, (w * y).to(dtype), mask=mask)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`residual += x` in place, then `rms_norm(residual)`: one read of both instead of an add
+    kernel and a norm kernel. x and residual [T, hidden], rows contiguous."""
+    assert x.shape == residual.shape and x.stride(-1) == residual.stride(-1) == 1
+    out = x.new_empty(x.shape)
+    if x.shape[0]:
+        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, out, x.stride(0),
+                                            residual.stride(0), out.stride(0), x.shape[1], eps,
+                                            BLOCK=_pow2(x.shape[1]),
+                                            num_warps=4 if x.shape[1] <= 4096 else 8)
+    return out
 
 
 @triton.jit

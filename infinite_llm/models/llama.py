@@ -55,6 +55,14 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
+    def add(self, x: Tensor, residual: Tensor) -> Tensor:
+        """`residual += x`, then the norm of the sum (one kernel on CUDA). The add is
+        commutative, so the residual stream has transformers' bits for `residual + x`."""
+        if fused is not None and x.is_cuda:
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        residual += x
+        return self(residual)
+
 
 class LlamaAttention(nn.Module):
     def __init__(
@@ -126,12 +134,18 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
         self.mlp = LlamaMLP(config, dtype, device)
 
-    def forward(self, rope: RopeTable, x: Tensor, attention: AttentionFn) -> Tensor:
-        h = self.self_attn(rope, self.input_layernorm(x), attention)
-        h += x  # residual; the add is commutative, so the same bits as transformers' x + h
-        out = self.mlp(self.post_attention_layernorm(h))
-        out += h
-        return out
+    def forward(self, rope: RopeTable, x: Tensor, residual: Tensor | None,
+                attention: AttentionFn) -> tuple[Tensor, Tensor]:
+        """x is the previous layer's MLP output, not yet added to the residual stream (the
+        embeddings, with `residual` None, for the first layer): each add is done by the norm
+        that reads its sum. Returns this layer's MLP output and the residual stream."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h = self.input_layernorm.add(x, residual)
+        h = self.self_attn(rope, h, attention)
+        return self.mlp(self.post_attention_layernorm.add(h, residual)), residual
 
 
 class LlamaModel(nn.Module):
@@ -156,9 +170,11 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn) -> Tensor:
         h = self.embed_tokens(input_ids)
         rope = self.rotary.at(positions, h.dtype)  # the step's cos/sin, shared by every layer
+        residual = None
         for layer in self.layers:
-            h = layer(rope, h, attention)
-        return self.norm(h)
+            h, residual = layer(rope, h, residual, attention)
+        assert residual is not None  # a model has layers
+        return self.norm.add(h, residual)
 
 
 class LlamaForCausalLM(nn.Module):
