@@ -7,8 +7,9 @@ the ratios.
 
 Threads: HF runs on torch's default thread count. On CPU the engine runs one-token steps (batch 1
 decode) on one thread and picks one thread or the default count for larger steps by timing them
-(`infinite_llm/engine/threads.py`); so that no ratio is read as coming from that policy alone,
-HF is also measured on one thread at each batch size.
+(`infinite_llm/engine/threads.py`), and each row says how many of its steps ran on each count;
+so that no ratio is read as coming from that policy alone, HF is also measured on one thread at
+each batch size.
 
     python benchmarks/throughput.py [--batch 32] [--new-tokens 64] [--device cpu]
 """
@@ -43,13 +44,20 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run_ours(llm: LLM, prompts: list[list[int]], batch: int, n: int) -> float:
+def run_ours(llm: LLM, prompts: list[list[int]], batch: int, n: int) -> tuple[float, str]:
+    """Tokens/s, and on how many threads the engine ran its steps (CPU: its timing policy)."""
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    threads = llm.engine.instance.step_threads
+    steps, seconds = threads.steps.copy(), threads.seconds.copy()
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
         outs = llm.generate(prompts[i : i + batch], params, use_tqdm=False)
         assert all(len(o.outputs[0].token_ids) == n for o in outs)
-    return len(prompts) * n / (time.perf_counter() - start)
+    rate = len(prompts) * n / (time.perf_counter() - start)
+    used = "; ".join(f"{threads.steps[t] - steps[t]} on {t} thread{'s' * (t > 1)} "
+                     f"({threads.seconds[t] - seconds[t]:.1f} s)" for t in sorted(threads.steps)
+                     if threads.steps[t] > steps[t])
+    return rate, used or "no thread choice (GPU)"
 
 
 @torch.inference_mode()
@@ -88,11 +96,11 @@ def main() -> None:
     rows = []
     for batch in (1, args.batch):
         subset = prompts[: args.batch1_prompts] if batch == 1 else prompts
-        ours = run_ours(llm, subset, batch, n)
+        ours, used = run_ours(llm, subset, batch, n)
         ref = run_hf(hf, subset, batch, n, device)
         rows.append((batch, ours, ref))
         print(f"batch {batch:3d}: infinite-llm {ours:8.1f} tok/s | HF generate {ref:8.1f} tok/s "
-              f"| ratio {ours / ref:5.2f}x", flush=True)
+              f"| ratio {ours / ref:5.2f}x | infinite-llm steps: {used}", flush=True)
         if device == "cpu" and threads > 1:
             torch.set_num_threads(1)
             ref1 = run_hf(hf, subset, batch, n, device)

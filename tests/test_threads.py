@@ -70,3 +70,12 @@ def test_new_size_starts_with_the_nearest_sizes_winner(clock: _Clock) -> None:
     fresh = StepThreads(2)
     assert [_run(fresh, clock, 40, busy) for _ in range(3)] == [1, 2, 1]
     assert _run(fresh, clock, 700, busy) == 1
+
+
+def test_counts_steps_and_seconds_by_thread_count(clock: _Clock) -> None:
+    step_threads = StepThreads(2)
+    seconds = {1: 0.25, 2: 0.5}
+    used = [_run(step_threads, clock, n, seconds) for n in (1, 32, 32, 32, 1)]
+    assert used == [1, 1, 2, 1, 1]
+    assert step_threads.steps == {1: 4, 2: 1}
+    assert step_threads.seconds == pytest.approx({1: 1.0, 2: 0.5})

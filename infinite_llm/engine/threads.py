@@ -21,6 +21,7 @@ every step.
 from __future__ import annotations
 
 import time
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,6 +38,9 @@ class StepThreads:
         self.explore_every = explore_every
         self._cost: dict[tuple[int, int], float] = {}  # (size class, threads) -> s per token
         self._since: dict[int, float] = {}  # size class -> seconds since the other was tried
+        # For reports: steps run on each thread count, and their seconds.
+        self.steps: Counter[int] = Counter()
+        self.seconds: defaultdict[int, float] = defaultdict(float)
 
     @contextmanager
     def __call__(self, num_tokens: int) -> Iterator[None]:
@@ -51,7 +55,10 @@ class StepThreads:
             yield
         finally:
             torch.set_num_threads(saved)
-        self._record(num_tokens, threads, exploring, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.steps[threads] += 1
+        self.seconds[threads] += seconds
+        self._record(num_tokens, threads, exploring, seconds)
 
     def _choose(self, num_tokens: int) -> tuple[int, bool]:
         """(threads, whether that is a retry of the choice measured slower)."""
