@@ -34,10 +34,23 @@ class AttentionFn(Protocol):
         ...
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T (+ bias). Decode-sized bf16/fp16 batches on CUDA go to a Triton skinny GEMM,
+    which reads the weights faster than cuBLAS at those sizes; everything else to F.linear."""
+    if fused is not None and x.is_cuda and fused.skinny_fits(x, weight):
+        return fused.skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 def _linear(
     n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch.device
-) -> nn.Linear:
-    return nn.utils.skip_init(nn.Linear, n_in, n_out, bias=bias, dtype=dtype, device=device)
+) -> Linear:
+    return nn.utils.skip_init(Linear, n_in, n_out, bias=bias, dtype=dtype, device=device)
 
 
 class RMSNorm(nn.Module):
@@ -184,7 +197,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, dtype, device)
-        self.lm_head: nn.Linear | None = None
+        self.lm_head: Linear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, device)
 
@@ -195,4 +208,4 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32 (only the rows being sampled)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
