@@ -1,5 +1,5 @@
 """Triton kernels for the model's work on GPU besides attention: RMSNorm (alone, or after the
-residual add), RoPE, SiLU(gate) * up, and the linears of decode-sized batches.
+residual add), RoPE, SiLU(gate) * up, and one-row linears.
 
 In torch each is a chain of 3-8 kernels (casts, powers, means, products) that read and write the
 activations again and again; at decode batch sizes a step is hundreds of such tiny launches, so
@@ -157,19 +157,18 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     return out
 
 
-# Decode-sized linears: a step of up to 16 tokens reads each weight matrix once and does little
-# else, so its speed is the speed of that read, where cuBLAS falls short at these sizes
-# (`benchmarks/linears.py`; results in benchmarks/results/linears_h100.txt). Each program streams
-# BLOCK_N whole weight rows, first-evicted from L2 (read once per step); x is reused from L2.
-# Tile sizes: the best of a sweep on an H100 over Llama-3-8B's matrices.
-SKINNY_MAX_ROWS = 16
-_SKINNY_BLOCK_K = 512
+# One-row linears (decode at batch 1): the product is a read of the weight matrix and little
+# else, and there cuBLAS falls short of the copy bandwidth, most on the smaller matrices. Each
+# program streams BLOCK_N whole weight rows, evicted first from L2 (read once per step); the
+# x row stays in L2. From 2 rows on, cuBLAS is as fast or faster (a tensor-core tile version of
+# this kernel lost to it at 4 and 16 rows). `benchmarks/linears.py` compares the two.
+_GEMV_BLOCK_K = 512
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    """One row: y[n] = sum_k x[k] * w[n, k] (+ b[n]), products summed in float32."""
+    """y[n] = sum_k x[k] * w[n, k] (+ b[n]), products summed in float32."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
@@ -185,51 +184,20 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-@triton.jit
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    """Up to BLOCK_M rows: y = x @ w.T (+ b) on tensor cores, accumulated in float32."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + offs_k[None, :],
-                    mask=m_mask[:, None], other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * K + k0 + offs_k[None, :], mask=n_mask[:, None],
-                    other=0.0, eviction_policy="evict_first")
-        acc += tl.dot(x, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+def gemv_fits(x: Tensor, weight: Tensor) -> bool:
+    """Whether `gemv` takes this product: one row of bf16/fp16, the weight's dtype, a width that
+    is a multiple of 512, contiguous."""
+    return (x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and x.shape[1] % _GEMV_BLOCK_K == 0
+            and x.stride(1) == 1 and weight.is_contiguous())
 
 
-def skinny_fits(x: Tensor, weight: Tensor) -> bool:
-    """Whether `skinny_linear` takes this product: 1-16 rows of bf16/fp16, the weight's dtype,
-    a width that is a multiple of 512, contiguous rows."""
-    return (x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS
-            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and x.shape[1] % _SKINNY_BLOCK_K == 0 and x.stride(1) == 1
-            and weight.is_contiguous())
-
-
-def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [M, K] @ weight [N, K].T (+ bias) for `skinny_fits` inputs; tile sizes from the sweep."""
-    m, k = x.shape
-    n = weight.shape[0]
-    y = x.new_empty(m, n)
-    b = weight if bias is None else bias  # never read without HAS_BIAS
-    if m == 1:
-        _gemv_kernel[(triton.cdiv(n, 16),)](x, weight, b, y, n, k, HAS_BIAS=bias is not None,
-                                            BLOCK_N=16, BLOCK_K=_SKINNY_BLOCK_K, STAGES=4,
-                                            num_warps=8)
-    else:
-        _skinny_kernel[(triton.cdiv(n, 32),)](x, weight, b, y, m, n, k, x.stride(0),
-                                              y.stride(0), HAS_BIAS=bias is not None,
-                                              BLOCK_M=16, BLOCK_N=32, BLOCK_K=_SKINNY_BLOCK_K,
-                                              STAGES=4, num_warps=4)
+def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [1, K] @ weight [N, K].T (+ bias) for `gemv_fits` inputs; tiles from a sweep on an H100
+    over Llama-3-8B's matrices."""
+    n, k = weight.shape
+    y = x.new_empty(1, n)
+    _gemv_kernel[(triton.cdiv(n, 16),)](x, weight, weight if bias is None else bias, y, n, k,
+                                        HAS_BIAS=bias is not None, BLOCK_N=16,
+                                        BLOCK_K=_GEMV_BLOCK_K, STAGES=4, num_warps=8)
     return y

@@ -35,10 +35,10 @@ class AttentionFn(Protocol):
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ weight.T (+ bias). Decode-sized bf16/fp16 batches on CUDA go to a Triton skinny GEMM,
-    which reads the weights faster than cuBLAS at those sizes; everything else to F.linear."""
-    if fused is not None and x.is_cuda and fused.skinny_fits(x, weight):
-        return fused.skinny_linear(x, weight, bias)
+    """x @ weight.T (+ bias). One bf16/fp16 row on CUDA (decode at batch 1) goes to a Triton
+    GEMV, which reads the weights faster than cuBLAS does; everything else to F.linear."""
+    if fused is not None and x.is_cuda and fused.gemv_fits(x, weight):
+        return fused.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
