@@ -212,6 +212,17 @@ def measure_decode(llm: LLM, batch: int, context: int, args: argparse.Namespace,
     kv_tokens = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outputs)
     graphs = engine.instance.graphs
     num_graphs = 0 if graphs is None else len(graphs.graphs)
+    pauses: list[float] = []  # Python's full collections while timed, seconds each
+    gc_start: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                gc_start.append(time.perf_counter())
+            elif gc_start:
+                pauses.append(time.perf_counter() - gc_start.pop())
+
+    gc.callbacks.append(on_gc)
     sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -219,6 +230,7 @@ def measure_decode(llm: LLM, batch: int, context: int, args: argparse.Namespace,
             raise RuntimeError("a timed step did not decode every sequence")
     sync(device)
     step_s = (time.perf_counter() - start) / args.steps
+    gc.callbacks.remove(on_gc)
     captured = 0 if graphs is None else len(graphs.graphs) - num_graphs
     del graphs  # (no reference may outlive the engine: HF below needs the pool freed)
     busy = gpu_busy_ms(engine, device, top=8 if args.kernel_profile else 0) \
@@ -238,7 +250,8 @@ def measure_decode(llm: LLM, batch: int, context: int, args: argparse.Namespace,
     roof_s = (w_bytes + kv_bytes) / (bandwidth * GB)
     return dict(batch=batch, context=context, prefill_s=prefill_s, step_ms=step_s * 1e3,
                 tok_s=batch / step_s, roof_ms=roof_s * 1e3, w_gb=w_bytes / GB, kv_gb=kv_bytes / GB,
-                frac=roof_s / step_s, busy_ms=busy, clean=clean, captured=captured)
+                frac=roof_s / step_s, busy_ms=busy, clean=clean, captured=captured,
+                gc_ms=[round(t * 1e3, 1) for t in pauses])
 
 
 def print_row(row: dict[str, Any]) -> None:
@@ -247,6 +260,8 @@ def print_row(row: dict[str, Any]) -> None:
     note = "" if row["clean"] else "  (preempted while timed)"
     if row["captured"]:
         note += f"  ({row['captured']} CUDA graph(s) captured while timed)"
+    if row["gc_ms"]:
+        note += f"  (Python full collections while timed, ms: {row['gc_ms']})"
     print(f"{row['batch']:>6} {size_name(row['context']):>7} {row['prefill_s']:>9.1f} "
           f"{row['step_ms']:>8.2f} {row['tok_s']:>9.0f} {row['roof_ms']:>8.2f} "
           f"{row['w_gb']:>6.2f} {row['kv_gb']:>6.2f} {row['frac']:>7.2f} {busy:>9} "
