@@ -54,6 +54,10 @@ class Instance:
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(model, self.attention, config.max_num_seqs)
         self.async_scheduling = config.async_scheduling and cluster is None
+        if self.graphs is not None:  # where sampled tokens land, and when they have
+            self.tokens_host = torch.empty(config.max_num_seqs, dtype=torch.long,
+                                           pin_memory=True)
+            self.tokens_copied = torch.cuda.Event()
         self.ahead: Ahead | None = None  # the next decode step, queued before it was scheduled
         self.sampler = Sampler()
         # CPU steps pick their thread count by timing; a GPU step has nothing to choose.
@@ -165,17 +169,16 @@ class Instance:
         the host handles this one's outputs and schedules."""
         if self.graphs is None:
             return tokens.tolist()
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host = self.tokens_host[: len(tokens)]
         host.copy_(tokens, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
+        self.tokens_copied.record()
         goes_on = (self.async_scheduling and not self.scheduler.waiting
                    and len(done) == len(batch.requests)
                    and all(r.params.logprobs is None and r.num_output_tokens + 1 < r.max_tokens
                            for r in done))
         if goes_on:
             self.ahead = self.graphs.launch_ahead(done, tokens)
-        copied.synchronize()
+        self.tokens_copied.synchronize()
         return host.tolist()
 
     def _forward(self, batch: ScheduledBatch) -> tuple[list[Request], Tensor]:
