@@ -2,7 +2,10 @@
 
 A step reads aloud: apply the plan -> schedule -> lay out the exchange -> forward -> sample ->
 report. The instance owns its requests from admission to finish; what changed leaves as
-`RequestDelta`s in its `StepReport`, with a heartbeat for the gManager.
+`RequestDelta`s in its `StepReport`, with a heartbeat for the gManager. On a GPU, alone in its
+cluster, a step may find its forward already queued by the step before (async scheduling,
+`DecodeGraphs.launch_ahead`): it then schedules, checks that the batch is the one queued, and
+samples.
 """
 
 from __future__ import annotations
