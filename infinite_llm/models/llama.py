@@ -125,8 +125,16 @@ class LlamaMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if fused is not None and x.is_cuda:
             return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        h = F.silu(gate)  # one fresh contiguous [T, inter] buffer, then multiplied in place
+        if len(x) == 1:  # a matrix-vector product: one pass over the fused weight
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            h = F.silu(gate)  # one fresh contiguous [T, inter] buffer, then multiplied in place
+        else:
+            # Several rows: gate and up as two products into two outputs, as transformers runs
+            # them; MKL runs the fused width slower (a batch-32 decode step's gate/up took
+            # 48.7 ms on two threads fused, 43.8 ms as transformers' two products).
+            gate_weight, up_weight = self.gate_up_proj.weight.chunk(2)
+            h = F.silu(linear(x, gate_weight), inplace=True)
+            up = linear(x, up_weight)
         h *= up
         return self.down_proj(h)
 
