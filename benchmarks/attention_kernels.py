@@ -8,13 +8,14 @@ every call). Our KV pages are shuffled in the pool, as a serving engine's would 
 Prints the hardware, a table, and the ratios ours / copy and ours / SDPA.
 
     python benchmarks/attention_kernels.py [--contexts 1K,4K,16K,32K,128K,512K] [--batches 1,8,64]
-                                 [--block-sizes 16,64] [--sweep] [--prefill]
+                                 [--block-sizes 16,64] [--sweep] [--prefill] [--prefill-sweep]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -144,24 +145,47 @@ def sweep_shape(case: tuple, nbytes: int, configs: list) -> list:
     return sorted(results, key=lambda r: -r[0])
 
 
-def prefill(block_size: int) -> None:
-    """Causal prefill of one sequence: TFLOP/s of ours (paged) and SDPA (contiguous)."""
-    for length in (4096, 16384):
+def prefill(block_size: int, sweep_configs: bool) -> None:
+    """Causal prefill, TFLOP/s: a whole 4K and 16K prompt (ours paged, SDPA contiguous), and the
+    last 8K chunk of a 64K prompt (ours; chunked prefill of a long context). With
+    `sweep_configs`, also every (BLOCK_M, BLOCK_N, num_warps, num_stages) of a grid, best first."""
+    from infinite_llm.attention.triton import prefill as prefill_module
+
+    cases = []
+    for length, chunk in ((4096, 4096), (16384, 16384), (65536, 8192)):
         _, k_cache, v_cache, paged = paged_case(1, length, block_size)
-        q = torch.randn(length, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-        paged.cu_q_lens = torch.tensor([0, length], device="cuda")
-        paged.q_positions = torch.arange(length, device="cuda")
-        paged.q_lens = [length]
-        flops = 2 * 2 * HEADS * HEAD_DIM * length * length / 2
-        ours = bench_ms(lambda q=q, k=k_cache, v=v_cache, p=paged:
-                        kernels.paged_attention(q, k, v, p, 0.088))
-        qs = q.transpose(0, 1)[None]
-        ks = torch.randn(1, KV_HEADS, length, HEAD_DIM, dtype=DTYPE, device="cuda")
-        sdpa = bench_ms(lambda qs=qs, ks=ks: F.scaled_dot_product_attention(
-            qs, ks, ks, is_causal=True, enable_gqa=True))
-        print(f"prefill {length // 1024}K causal, bs{block_size}: ours "
-              f"{flops / ours * 1e-9:.0f} TFLOP/s, SDPA {flops / sdpa * 1e-9:.0f} TFLOP/s, "
-              f"ours/SDPA {sdpa / ours:.2f}")
+        q = torch.randn(chunk, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+        paged.cu_q_lens = torch.tensor([0, chunk], device="cuda")
+        paged.q_positions = torch.arange(length - chunk, length, device="cuda")
+        paged.q_lens = [chunk]
+        flops = 2 * 2 * HEADS * HEAD_DIM * chunk * (length - chunk / 2)
+        name = f"{length // 1024}K" + ("" if chunk == length else f", last {chunk // 1024}K")
+        ours = bench_ms(partial(kernels.paged_attention, q, k_cache, v_cache, paged, 0.088))
+        line = f"prefill {name} causal, bs{block_size}: ours {flops / ours * 1e-9:.0f} TFLOP/s"
+        if chunk == length:
+            qs = q.transpose(0, 1)[None]
+            ks = torch.randn(1, KV_HEADS, length, HEAD_DIM, dtype=DTYPE, device="cuda")
+            sdpa = bench_ms(partial(F.scaled_dot_product_attention, qs, ks, ks, is_causal=True,
+                                    enable_gqa=True))
+            line += f", SDPA {flops / sdpa * 1e-9:.0f} TFLOP/s, ours/SDPA {sdpa / ours:.2f}"
+        print(line, flush=True)
+        cases.append((name, (q, k_cache, v_cache, paged, 0.088), flops))
+    if not sweep_configs:
+        return
+    shipped = prefill_module._config
+    results: dict[str, list] = {name: [] for name, _, _ in cases}
+    try:
+        for config in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+            prefill_module._config = lambda head_dim, size, c=config: c
+            for name, args, flops in cases:
+                ms = bench_ms(partial(kernels.paged_attention, *args), rep=100)
+                results[name].append((flops / ms * 1e-9, config))
+    finally:
+        prefill_module._config = shipped
+    print(f"prefill configs (BLOCK_M, BLOCK_N, warps, stages), shipped {shipped(HEAD_DIM, 2)}:")
+    for name, rows in results.items():
+        rows.sort(reverse=True)
+        print(f"  {name}: " + ", ".join(f"{c} {t:.0f}" for t, c in rows[:6]))
 
 
 def main() -> None:
@@ -172,6 +196,8 @@ def main() -> None:
     parser.add_argument("--max-gb", type=float, default=60.0, help="skip larger KV")
     parser.add_argument("--sweep", action="store_true", help="also sweep decode configs")
     parser.add_argument("--prefill", action="store_true", help="also time causal prefill")
+    parser.add_argument("--prefill-sweep", action="store_true",
+                        help="also time causal prefill and sweep its tile configs")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"hardware: {hardware()}")
@@ -180,8 +206,8 @@ def main() -> None:
     copy_gbs = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     main_table(args, copy_gbs)
-    if args.prefill:
-        prefill(args.block_sizes[0])
+    if args.prefill or args.prefill_sweep:
+        prefill(args.block_sizes[0], args.prefill_sweep)
     if args.sweep:
         sweep(args)
 
