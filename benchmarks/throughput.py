@@ -44,24 +44,36 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run_ours(llm: LLM, prompts: list[list[int]], batch: int, n: int) -> tuple[float, str]:
-    """Tokens/s, and on how many threads the engine ran its steps (CPU: its timing policy)."""
+def run_ours(llm: LLM, prompts: list[list[int]], batch: int,
+             n: int) -> tuple[float, str, list[list[int]]]:
+    """Tokens/s, on how many threads the engine ran its steps (CPU: its timing policy), and the
+    tokens generated for each prompt."""
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     threads = llm.engine.instance.step_threads
     steps, seconds = threads.steps.copy(), threads.seconds.copy()
+    tokens = []
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
         outs = llm.generate(prompts[i : i + batch], params, use_tqdm=False)
-        assert all(len(o.outputs[0].token_ids) == n for o in outs)
+        tokens += [o.outputs[0].token_ids for o in outs]
+        assert all(len(t) == n for t in tokens)
     rate = len(prompts) * n / (time.perf_counter() - start)
     used = "; ".join(f"{threads.steps[t] - steps[t]} on {t} thread{'s' * (t > 1)} "
                      f"({threads.seconds[t] - seconds[t]:.1f} s)" for t in sorted(threads.steps)
                      if threads.steps[t] > steps[t])
-    return rate, used or "no thread choice (GPU)"
+    return rate, used or "no thread choice (GPU)", tokens
+
+
+def agree(got: list[list[int]], exact: list[list[int]]) -> str:
+    """How many of `exact`'s prompts got exactly its tokens, as 'k/n'."""
+    return f"{sum(a == b for a, b in zip(got, exact))}/{len(exact)}"
 
 
 @torch.inference_mode()
-def run_hf(model, prompts: list[list[int]], batch: int, n: int, device: str) -> float:
+def run_hf(model, prompts: list[list[int]], batch: int, n: int,
+           device: str) -> tuple[float, list[list[int]]]:
+    """Tokens/s and the tokens generated for each prompt."""
+    tokens = []
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
@@ -71,7 +83,8 @@ def run_hf(model, prompts: list[list[int]], batch: int, n: int, device: str) -> 
         out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                              do_sample=False, pad_token_id=0)
         assert out.shape[1] == width + n
-    return len(prompts) * n / (time.perf_counter() - start)
+        tokens += out[:, width:].tolist()
+    return len(prompts) * n / (time.perf_counter() - start), tokens
 
 
 def main() -> None:
@@ -94,19 +107,25 @@ def main() -> None:
     run_ours(llm, prompts[:2], 2, 4)  # warm-up
     run_hf(hf, prompts[:2], 2, 4, device)
     rows = []
+    tokens: dict[tuple[str, int], list[list[int]]] = {}  # (engine, batch) -> each prompt's
     for batch in (1, args.batch):
         subset = prompts[: args.batch1_prompts] if batch == 1 else prompts
-        ours, used = run_ours(llm, subset, batch, n)
-        ref = run_hf(hf, subset, batch, n, device)
+        ours, used, tokens["ours", batch] = run_ours(llm, subset, batch, n)
+        ref, tokens["hf", batch] = run_hf(hf, subset, batch, n, device)
         rows.append((batch, ours, ref))
         print(f"batch {batch:3d}: infinite-llm {ours:8.1f} tok/s | HF generate {ref:8.1f} tok/s "
               f"| ratio {ours / ref:5.2f}x | infinite-llm steps: {used}", flush=True)
         if device == "cpu" and threads > 1:
             torch.set_num_threads(1)
-            ref1 = run_hf(hf, subset, batch, n, device)
+            ref1, _ = run_hf(hf, subset, batch, n, device)
             torch.set_num_threads(threads)
             print(f"batch {batch:3d}: HF generate on 1 thread {ref1:8.1f} tok/s | ratio "
                   f"{ours / ref1:5.2f}x", flush=True)
+    # HF one prompt at a time pads nothing: its tokens are the exact reference.
+    exact, b = tokens["hf", 1], args.batch
+    print(f"greedy tokens equal to HF batch 1 (first {len(exact)} prompts): infinite-llm batch 1 "
+          f"{agree(tokens['ours', 1], exact)}, batch {b} {agree(tokens['ours', b], exact)}; "
+          f"HF batch {b} (left-padded) {agree(tokens['hf', b], exact)}")
     hf_b1 = rows[0][2]
     print(f"infinite-llm batch {args.batch} vs HF batch 1: {rows[1][1] / hf_b1:5.2f}x; {load()}")
 
