@@ -11,8 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from infinite_llm import LLM, SamplingParams
 from infinite_llm.config import ConfigError
+from infinite_llm.engine.cuda_graphs import Ahead
 from infinite_llm.engine.engine import RequestError
 from infinite_llm.models.loader import ModelNotFoundError
+from infinite_llm.request import Request
 from infinite_llm.sampling import SamplingParamsError
 
 NEW_TOKENS = 32
@@ -176,3 +178,20 @@ def test_dummy_weights_engine_runs_from_config_json_alone(llama_path: Path, tmp_
     assert len(out.token_ids) == NEW_TOKENS and _all_free(llm)
     with pytest.raises(ConfigError, match="load_format"):
         LLM(str(tmp_path), load_format="random")
+
+
+def test_a_step_queued_ahead_matches_only_itself() -> None:
+    """Async scheduling's check that the scheduled step is the one queued ahead (it runs on GPUs
+    only, but is bookkeeping, so CI checks it here): same requests in any order, one token each,
+    each at the position computed ahead."""
+    a = Request("a", [1, 2, 3], SamplingParams(), 8, frozenset())
+    b = Request("b", [4, 5], SamplingParams(), 8, frozenset())
+    a.num_computed_tokens, b.num_computed_tokens = 3, 2  # sampled, not yet appended
+    ahead = Ahead([a, b], [3, 2], torch.empty(2, 4))
+    a.append_token(7)
+    b.append_token(8)
+    assert ahead.matches([b, a], [1, 1])
+    assert not ahead.matches([a], [1])  # b stopped or was preempted
+    assert not ahead.matches([a, b], [1, 2])
+    b.append_token(9)  # a token the step queued ahead did not feed
+    assert not ahead.matches([a, b], [1, 1])
