@@ -132,8 +132,8 @@ class LlamaMLP(nn.Module):
             h = F.silu(gate)  # one fresh contiguous [T, inter] buffer, then multiplied in place
         else:
             # Several rows: gate and up as two products into two outputs, as transformers runs
-            # them; MKL runs the fused width slower (a batch-32 decode step's gate/up on two
-            # threads: 48.7 ms fused, 42.2 ms as two products).
+            # them; MKL runs the fused width slower (seen in the torch profiler at batch 32 on a
+            # 2-core CPU; the end-to-end runs are in benchmarks/results/throughput_cpu.txt).
             gate_weight, up_weight = self.gate_up_proj.weight.chunk(2)
             h = F.silu(linear(x, gate_weight), inplace=True)
             up = linear(x, up_weight)
