@@ -23,17 +23,24 @@ def _pow2(n: int) -> int:
 
 
 @triton.jit
+def _norm_store(x, w_ptr, out_ptr, offs, mask, n_cols, eps):
+    """Store weight * (x * rsqrt(mean(x^2) + eps)) for one row x (float32), rounding as torch
+    does: the normalised row to the output dtype before the weight multiplies it."""
+    inv = tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
+    dtype = out_ptr.dtype.element_ty
+    y = (x * inv).to(dtype).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (w * y).to(dtype), mask=mask)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps,
                      BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    inv = tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
-    dtype = out_ptr.dtype.element_ty
-    y = (x * inv).to(dtype).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offs, (w * y).to(dtype), mask=mask)
+    _norm_store(x, w_ptr, out_ptr + row * stride_out, offs, mask, n_cols, eps)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -55,16 +62,11 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, stride_x, stride_r, strid
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
-    dtype = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-    s = (x + r).to(dtype)  # the residual stream, rounded as torch's add rounds it
+    s = (x + r).to(r_ptr.dtype.element_ty)  # the residual stream, rounded as torch's add rounds it
     tl.store(r_ptr + row * stride_r + offs, s, mask=mask)
-    s = s.to(tl.float32)
-    inv = tl.rsqrt(tl.sum(s * s, 0) / n_cols + eps)
-    y = (s * inv).to(dtype).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offs, (w * y).to(dtype), mask=mask)
+    _norm_store(s.to(tl.float32), w_ptr, out_ptr + row * stride_out, offs, mask, n_cols, eps)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:

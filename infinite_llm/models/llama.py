@@ -192,7 +192,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn) -> Tensor:
         h = self.embed_tokens(input_ids)
-        rope = self.rotary.at(positions, h.dtype)  # the step's cos/sin, shared by every layer
+        rope = self.rotary.at(positions, h.dtype)  # shared by every layer
         residual = None
         for layer in self.layers:
             h, residual = layer(rope, h, residual, attention)

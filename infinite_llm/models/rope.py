@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -75,11 +76,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)  # [max_positions, head_dim // 2]
 
     def at(self, positions: Tensor, dtype: torch.dtype) -> RopeTable:
-        """The cos/sin rows of `positions` [T] in `dtype`, looked up once for every layer."""
-        cos = self.cos[positions].to(dtype)  # [T, D // 2]
-        sin = self.sin[positions].to(dtype)
-        return RopeTable(positions, torch.cat((cos, cos), dim=-1).unsqueeze(1),
-                         torch.cat((-sin, sin), dim=-1).unsqueeze(1))
+        """RoPE at `positions` [T] in `dtype`, for every layer of one step."""
+        return RopeTable(positions, self.cos, self.sin, dtype)
 
     def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """positions [T], q [T, H, D], k [T, KVH, D] -> rotated (q, k) in their input dtype."""
@@ -87,20 +85,34 @@ class RotaryEmbedding(nn.Module):
         return table.rotate(q), table.rotate(k)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class RopeTable:
     """RoPE at one step's positions, shared by every layer of the step.
 
+    The rows of the step's positions are gathered at the first `rotate` and kept for the later
+    layers. The fused CUDA kernel reads `positions` and the full tables itself, so a CUDA step
+    never builds them (nor records them into its graph).
+
     `x * cos + rotate_half(x) * sin` as transformers computes it, in two products and a sum over
     whole heads: the first half's `x1 * cos + (-x2) * sin` is `x1 * cos + x2 * (-sin)` bit for bit
-    (negation is exact), so the sign lives in the table and rotate_half is a swap of halves.
+    (negation is exact), so the sign lives in the rows and rotate_half is a swap of halves.
     """
 
     positions: Tensor  # [T]
-    cos: Tensor  # [T, 1, D]: (cos, cos)
-    sin: Tensor  # [T, 1, D]: (-sin, sin)
+    cos_table: Tensor  # [max_positions, D // 2] float32
+    sin_table: Tensor  # [max_positions, D // 2] float32
+    dtype: torch.dtype
+
+    @cached_property
+    def rows(self) -> tuple[Tensor, Tensor]:
+        """([T, 1, D] (cos, cos), [T, 1, D] (-sin, sin)) in `dtype`."""
+        cos = self.cos_table[self.positions].to(self.dtype)  # [T, D // 2]
+        sin = self.sin_table[self.positions].to(self.dtype)
+        return (torch.cat((cos, cos), dim=-1).unsqueeze(1),
+                torch.cat((-sin, sin), dim=-1).unsqueeze(1))
 
     def rotate(self, x: Tensor) -> Tensor:
         """x [T, heads, D] (any heads, e.g. q's and k's side by side) -> rotated x."""
+        cos, sin = self.rows
         x1, x2 = x.chunk(2, dim=-1)
-        return x * self.cos + torch.cat((x2, x1), dim=-1) * self.sin
+        return x * cos + torch.cat((x2, x1), dim=-1) * sin
