@@ -3,18 +3,28 @@
 Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, one query per
 sequence. Bandwidth = bytes of K and V read / time; the ceiling is a device-to-device copy of a
 large tensor (bytes read + written). SDPA runs on contiguous KV of the same shapes with
-`enable_gqa=True`. Times are medians of `triton.testing.do_bench` (warmed up, L2 flushed before
-every call). Our KV pages are shuffled in the pool, as a serving engine's would be.
+`enable_gqa=True`. Our KV pages are shuffled in the pool, as a serving engine's would be.
 Prints the hardware, a table, and the ratios ours / copy and ours / SDPA.
 
+Decode is timed as the engine runs it (`--timing graph`, the default): inside one CUDA graph
+that calls the kernel on L copies of the KV one after another, like the layers of a decode step
+(L copies make at least 1 GB, so the L2 cache holds none of a call's KV), with the launch shape
+the engine's graphs use (`graph_decode_ops`: a power-of-two split count, each row splitting its
+own keys). SDPA is timed the same way. The time per call is the median replay / L. With
+`--timing eager`, each call is timed alone by `triton.testing.do_bench` (L2 flushed before
+every call), host launch time included: that is what short contexts measured before.
+
     python benchmarks/attention_kernels.py [--contexts 1K,4K,16K,32K,128K,512K] [--batches 1,8,64]
-                                 [--block-sizes 16,64] [--sweep] [--prefill] [--prefill-sweep]
+                                 [--block-sizes 16,64] [--timing graph|eager] [--sweep]
+                                 [--prefill] [--prefill-sweep]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -22,6 +32,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from infinite_llm.attention import graph_decode_ops, graph_decode_splits
 from infinite_llm.attention import triton as kernels
 from infinite_llm.attention.reference import PagedBatch
 
@@ -75,17 +86,63 @@ def paged_case(batch: int, context: int, block_size: int):
     return q, k_cache, v_cache, paged
 
 
-def ours_ms(batch: int, context: int, block_size: int, config=None) -> float:
-    q, k_cache, v_cache, paged = paged_case(batch, context, block_size)
-    return bench_ms(lambda: kernels.decode_attention(q, k_cache, v_cache, paged, HEAD_DIM**-0.5,
-                                                     config))
+def graph_ms(calls: list[Callable[[], object]], replays: int = 20) -> float:
+    """Milliseconds per call when `calls` run back to back in one CUDA graph (median replay)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capturing stream: compiles the kernels
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times) / len(calls)
 
 
-def sdpa_ms(batch: int, context: int) -> float:
-    q = torch.randn(batch, HEADS, 1, HEAD_DIM, dtype=DTYPE, device="cuda")
-    k = torch.empty(batch, KV_HEADS, context, HEAD_DIM, dtype=DTYPE, device="cuda").normal_()
-    v = torch.empty_like(k).normal_()
-    return bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+def layers(nbytes: int) -> int:
+    """Copies of the KV per graph: at least 1 GB in all, at most 64."""
+    return max(1, min(64, -(-GB // nbytes)))
+
+
+def ours_ms(batch: int, context: int, block_size: int, timing: str,
+            config: kernels.DecodeConfig | None = None) -> float:
+    """Our decode kernel; `config` None: the launch the engine's graphs use for this shape."""
+    scale = HEAD_DIM**-0.5
+    if timing == "eager":
+        q, k_cache, v_cache, paged = paged_case(batch, context, block_size)
+        return bench_ms(lambda: kernels.decode_attention(q, k_cache, v_cache, paged, scale,
+                                                         config))
+    cases = [paged_case(batch, context, block_size)
+             for _ in range(layers(kv_bytes(batch, context)))]
+    if config is None:
+        q, k_cache = cases[0][:2]
+        attend = graph_decode_ops(k_cache, graph_decode_splits(q, k_cache, context)).paged_attention
+    else:
+        attend = partial(kernels.decode_attention, config=config)
+    return graph_ms([partial(attend, *case, scale) for case in cases])
+
+
+def sdpa_ms(batch: int, context: int, timing: str) -> float:
+    def case() -> tuple:
+        q = torch.randn(batch, HEADS, 1, HEAD_DIM, dtype=DTYPE, device="cuda")
+        k = torch.empty(batch, KV_HEADS, context, HEAD_DIM, dtype=DTYPE, device="cuda").normal_()
+        return q, k, torch.empty_like(k).normal_()
+
+    sdpa = partial(F.scaled_dot_product_attention, enable_gqa=True)
+    if timing == "eager":
+        return bench_ms(partial(sdpa, *case()))
+    return graph_ms([partial(sdpa, *case()) for _ in range(layers(kv_bytes(batch, context)))])
 
 
 def fits(nbytes: int, limit_gb: float) -> bool:
@@ -103,46 +160,50 @@ def main_table(args: argparse.Namespace, copy_gbs: float) -> None:
         if not fits(nbytes, args.max_gb):
             print(f"{context // 1024:>7}K {batch:>5} {nbytes / GB:>7.1f}  skipped (memory)")
             continue
-        sdpa = nbytes / (sdpa_ms(batch, context) * 1e-3) / GB
+        sdpa = nbytes / (sdpa_ms(batch, context, args.timing) * 1e-3) / GB
         line = f"{context // 1024:>7}K {batch:>5} {nbytes / GB:>7.2f} {sdpa:>10.0f}"
         for block_size in args.block_sizes:
-            ours = nbytes / (ours_ms(batch, context, block_size) * 1e-3) / GB
+            ours = nbytes / (ours_ms(batch, context, block_size, args.timing) * 1e-3) / GB
             line += f" {ours:>11.0f} {ours / copy_gbs:>6.2f} {ours / sdpa:>6.2f}"
         print(line, flush=True)
         torch.cuda.empty_cache()
 
 
 def sweep(args: argparse.Namespace) -> None:
-    """Bandwidth of decode configurations at a few shapes, to choose DecodeConfig's defaults."""
-    shapes = [(131072, 1), (524288, 1), (32768, 8), (4096, 64)]
-    configs = [kernels.DecodeConfig(block_n=n, num_warps=w, num_stages=s)
-               for n, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))]
-    configs += [kernels.DecodeConfig(splits=s) for s in (16, 32, 64, 128)]
-    configs += [kernels.DecodeConfig(min_split_tokens=m) for m in (128, 512, 1024)]
+    """Bandwidth of graph decode launches (tiles x split counts, each row splitting its own keys)
+    at the engine's common shapes, timed in graphs, to choose the engine's defaults."""
+    shapes = [(1024, 16), (1024, 64), (1024, 256), (8192, 16), (32768, 1), (131072, 1)]
+    tiles = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4)))
     for block_size in args.block_sizes:
         for context, batch in shapes:
             nbytes = kv_bytes(batch, context)
-            if fits(nbytes, args.max_gb):
-                results = sweep_shape(paged_case(batch, context, block_size), nbytes, configs)
-                print(f"sweep bs{block_size} context {context // 1024}K batch {batch}: "
-                      + "; ".join(f"{gbs:.0f} n{c.block_n}w{c.num_warps}s{c.num_stages}"
-                                  f"S{c.splits}m{c.min_split_tokens}" for gbs, c in results[:6])
-                      + f" ... worst {results[-1][0]:.0f}", flush=True)
-                torch.cuda.empty_cache()
-
-
-def sweep_shape(case: tuple, nbytes: int, configs: list) -> list:
-    """[(GB/s, config)] best first."""
-    results = []
-    for config in configs:
-        try:
-            ms = bench_ms(lambda c=config: kernels.decode_attention(*case, HEAD_DIM**-0.5, c),
-                          rep=100)
-        except Exception as error:  # e.g. out of shared memory: report, go on
-            print(f"  {config}: {type(error).__name__}")
-            continue
-        results.append((nbytes / (ms * 1e-3) / GB, config))
-    return sorted(results, key=lambda r: -r[0])
+            if not fits(layers(nbytes) * nbytes, args.max_gb):
+                continue
+            cases = [paged_case(batch, context, block_size) for _ in range(layers(nbytes))]
+            q, k_cache = cases[0][:2]
+            shipped = graph_decode_splits(q, k_cache, context)
+            results = []
+            for (n, w, st), splits in itertools.product(tiles, (1, 2, 4, 8, 16, 32, 64, 128)):
+                if splits * n > context:
+                    continue
+                config = kernels.DecodeConfig(block_n=n, num_warps=w, num_stages=st,
+                                              splits=splits, split_per_row=True)
+                try:
+                    ms = graph_ms([partial(kernels.decode_attention, *case, HEAD_DIM**-0.5,
+                                           config) for case in cases], replays=10)
+                except Exception as error:  # e.g. out of shared memory: report, go on
+                    print(f"  {config}: {type(error).__name__}")
+                    continue
+                results.append((nbytes / (ms * 1e-3) / GB, (n, w, st, splits)))
+            results.sort(reverse=True)
+            default = kernels.default_config(k_cache)
+            mine = (default.block_n, default.num_warps, default.num_stages, shipped)
+            print(f"sweep bs{block_size} {context // 1024}K x {batch} (block_n, warps, stages, "
+                  f"splits): engine {mine} {dict((c, g) for g, c in results).get(mine, 0):.0f} "
+                  f"GB/s; best " + ", ".join(f"{c} {g:.0f}" for g, c in results[:6])
+                  + f"; worst {results[-1][0]:.0f}", flush=True)
+            del cases
+            torch.cuda.empty_cache()
 
 
 def prefill(block_size: int, sweep_configs: bool) -> None:
@@ -194,15 +255,19 @@ def main() -> None:
     parser.add_argument("--batches", type=parse_sizes, default="1,8,64")
     parser.add_argument("--block-sizes", type=parse_sizes, default="16,64")
     parser.add_argument("--max-gb", type=float, default=60.0, help="skip larger KV")
-    parser.add_argument("--sweep", action="store_true", help="also sweep decode configs")
+    parser.add_argument("--timing", choices=("graph", "eager"), default="graph")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also sweep graph decode launches (tiles x splits)")
     parser.add_argument("--prefill", action="store_true", help="also time causal prefill")
     parser.add_argument("--prefill-sweep", action="store_true",
                         help="also time causal prefill and sweep its tile configs")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"hardware: {hardware()}")
+    how = ("in CUDA graphs of L calls over distinct KV (>= 1 GB), median replay / L"
+           if args.timing == "graph" else "do_bench median, L2 flushed")
     print(f"shapes: {HEADS} q heads, {KV_HEADS} kv heads, head_dim {HEAD_DIM}, {DTYPE}, "
-          "one query per sequence; do_bench median, L2 flushed")
+          f"one query per sequence; timed {how}")
     copy_gbs = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     main_table(args, copy_gbs)

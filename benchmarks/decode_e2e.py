@@ -16,8 +16,8 @@ Plain decode steps replay CUDA graphs (the engine's default on CUDA); `--enforce
 eagerly, to compare. With async scheduling (the default; `--no-async-scheduling` to compare) each
 step queues the next decode step before it waits for its tokens, so the clock's last
 synchronize also waits for one step that no timed call returns: the timing counts it.
-`--kernel-profile` lists each row's top kernels by GPU time and `--host-profile` its Python
-functions by host time.
+`--kernel-profile [N]` lists each row's top N (8) kernels by GPU time and `--host-profile` its
+Python functions by host time.
 
 Hugging Face: transformers' LlamaForCausalLM with the same weights, bf16, sdpa, `generate` (greedy,
 exactly n new tokens); its decode time per step = (time of 1 + n new tokens - time of 1) / n.
@@ -233,7 +233,7 @@ def measure_decode(llm: LLM, batch: int, context: int, args: argparse.Namespace,
     gc.callbacks.remove(on_gc)
     captured = 0 if graphs is None else len(graphs.graphs) - num_graphs
     del graphs  # (no reference may outlive the engine: HF below needs the pool freed)
-    busy = gpu_busy_ms(engine, device, top=8 if args.kernel_profile else 0) \
+    busy = gpu_busy_ms(engine, device, top=args.kernel_profile) \
         if args.profile else None
     if args.host_profile:
         host_profile(engine)
@@ -474,8 +474,8 @@ def main() -> None:
                         "tokens reach the host (the engine's default)")
     parser.add_argument("--host-profile", action="store_true",
                         help="each row: Python functions by host time (cProfile)")
-    parser.add_argument("--kernel-profile", action="store_true",
-                        help="each row: the top kernels by GPU time")
+    parser.add_argument("--kernel-profile", type=int, nargs="?", const=8, default=0,
+                        metavar="N", help="each row: the top N (8) kernels by GPU time")
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--hf-context", type=parse_sizes, default=[1024])
     parser.add_argument("--hf-steps", type=int, default=32)
