@@ -112,7 +112,7 @@ def graph_ms(calls: list[Callable[[], object]], replays: int = 20) -> float:
 
 def layers(nbytes: int) -> int:
     """Copies of the KV per graph: at least 1 GB in all, at most 64."""
-    return max(1, min(64, -(-GB // nbytes)))
+    return max(1, min(64, -(-int(GB) // nbytes)))
 
 
 def ours_ms(batch: int, context: int, block_size: int, timing: str,
