@@ -127,7 +127,8 @@ def ours_ms(batch: int, context: int, block_size: int, timing: str,
              for _ in range(layers(kv_bytes(batch, context)))]
     if config is None:
         q, k_cache = cases[0][:2]
-        attend = graph_decode_ops(k_cache, graph_decode_splits(q, k_cache, context)).paged_attention
+        splits = graph_decode_splits(q, k_cache, context)
+        attend = graph_decode_ops(k_cache, batch, splits).paged_attention
     else:
         attend = partial(kernels.decode_attention, config=config)
     return graph_ms([partial(attend, *case, scale) for case in cases])
@@ -196,7 +197,7 @@ def sweep(args: argparse.Namespace) -> None:
                     continue
                 results.append((nbytes / (ms * 1e-3) / GB, (n, w, st, splits)))
             results.sort(reverse=True)
-            default = kernels.default_config(k_cache)
+            default = kernels.default_config(k_cache, batch)
             mine = (default.block_n, default.num_warps, default.num_stages, shipped)
             print(f"sweep bs{block_size} {context // 1024}K x {batch} (block_n, warps, stages, "
                   f"splits): engine {mine} {dict((c, g) for g, c in results).get(mine, 0):.0f} "

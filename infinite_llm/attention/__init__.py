@@ -50,19 +50,21 @@ def attention_ops(device: torch.device | str) -> AttentionOps:
 
 def graph_decode_splits(q: Tensor, k_cache: Tensor, max_kv: int) -> int:
     """Splits per row for a decode launch that a CUDA graph replays: what `max_kv` keys over
-    `q`'s rows get now, rounded up to a power of two so that few graphs cover all steps."""
+    `q`'s rows get now, rounded down to a power of two (so few graphs cover all steps, and the
+    launch stays within one round of resident programs)."""
     from infinite_llm.attention import triton as kernels
 
     splits = kernels.choose_splits(q.shape[0], q, k_cache, max_kv,
-                                   kernels.default_config(k_cache))
-    return 1 << (splits - 1).bit_length()
+                                   kernels.default_config(k_cache, q.shape[0]))
+    return 1 << (splits.bit_length() - 1)
 
 
-def graph_decode_ops(k_cache: Tensor, splits: int) -> AttentionOps:
+def graph_decode_ops(k_cache: Tensor, num_rows: int, splits: int) -> AttentionOps:
     """The Triton ops with the decode launch fixed: `splits` splits, each row dividing its own
     keys over them (the steps a graph replays differ in lengths, not in launch shape)."""
     from infinite_llm.attention import triton as kernels
 
-    config = replace(kernels.default_config(k_cache), splits=splits, split_per_row=True)
+    config = replace(kernels.default_config(k_cache, num_rows), splits=splits,
+                     split_per_row=True)
     return AttentionOps(kernels.store_kv, partial(kernels.decode_attention, config=config),
                         kernels.merge)

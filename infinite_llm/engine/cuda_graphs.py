@@ -137,7 +137,7 @@ class DecodeGraphs:
             block_tables=self.block_tables[:rows], kv_starts=self.kv_starts[:rows],
             kv_lens=self.kv_lens[:rows], q_lens=[1] * rows, kv_lens_host=[0] * rows,
         )
-        ops = graph_decode_ops(self.attention.pool.k[0], splits)
+        ops = graph_decode_ops(self.attention.pool.k[0], rows, splits)
         ids, positions = self.input_ids[:rows], self.positions[:rows]
         with self.attention.fixed_step(batch, self.slots[:rows], ops):
             self.model(ids, positions, self.attention)

@@ -183,9 +183,17 @@ def _kernel_key(q: Tensor, k_cache: Tensor, config: DecodeConfig) -> tuple:
             k_cache.shape[1], config)
 
 
-def default_config(k_cache: Tensor) -> DecodeConfig:
-    """Smaller key tiles for fp32 caches (twice the bytes per key)."""
-    return DecodeConfig(block_n=32) if k_cache.element_size() == 4 else DecodeConfig()
+def default_config(k_cache: Tensor, num_rows: int) -> DecodeConfig:
+    """Key tiles of 64 (32 for fp32 caches: twice the bytes per key). Where rows x kv_heads
+    programs can't fill the GPU and the keys are split, tiles of 128, so each program streams
+    longer runs between its fixed costs: an H100 sweep (`benchmarks/attention_kernels.py
+    --sweep`) measured 128 best at 1K x 16, 8K x 16, 32K x 1 and 128K x 1, and 64 at 1K x 64 and
+    1K x 256."""
+    if k_cache.element_size() == 4:
+        return DecodeConfig(block_n=32)
+    if num_rows * k_cache.shape[2] <= 2 * _sm_count(k_cache.device):
+        return DecodeConfig(block_n=128)
+    return DecodeConfig()
 
 
 def choose_splits(num_rows: int, q: Tensor, k_cache: Tensor, max_kv: int,
@@ -208,7 +216,7 @@ def decode_attention(
     _, page, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     if config is None:
-        config = default_config(k_cache)
+        config = default_config(k_cache, num_rows)
     if q.stride(2) != 1 or q.stride(1) != head_dim:
         q = q.contiguous()
     out = torch.empty(num_rows, num_heads, head_dim, dtype=q.dtype, device=q.device)
