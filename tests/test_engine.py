@@ -159,6 +159,8 @@ def test_bad_input_raises_typed_errors_and_leaks_nothing(llama_path: Path, tmp_p
         llm.generate([[5] * 10, list(range(40))], use_tqdm=False)
     with pytest.raises(RequestError, match="token ids"):
         llm.generate([[49152]], use_tqdm=False)
+    with pytest.raises(RequestError, match="not valid Unicode"):
+        llm.generate(["a lone surrogate \ud800"], use_tqdm=False)
     with pytest.raises(SamplingParamsError, match="temperature"):
         llm.generate(["hi"], SamplingParams(temperature=-1.0), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests() and _all_free(llm)

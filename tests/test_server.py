@@ -249,6 +249,16 @@ def test_prompt_too_long_names_the_limit(tiny_server) -> None:
         assert "at most 64 tokens" in error["message"] and error["param"] == param
 
 
+def test_prompt_with_a_lone_surrogate_gets_400(tiny_server) -> None:
+    """JSON's escape "\\ud800" decodes to a str that no tokenizer takes: a 400, not a 500."""
+    for body in (b'{"prompt": "\\ud800", "max_tokens": 1}',
+                 b'{"prompt": ["ok \\udfff"], "max_tokens": 1}'):
+        response = _post(f"{tiny_server}/v1/completions", content=body,
+                         headers={"Content-Type": "application/json"})
+        error = _assert_openai_error(response, 400)
+        assert error["param"] == "prompt" and "not valid Unicode" in error["message"]
+
+
 def test_malformed_json_and_unknown_routes(tiny_server) -> None:
     response = _post(f"{tiny_server}/v1/completions", content=b"{not json",
                           headers={"Content-Type": "application/json"})

@@ -166,6 +166,11 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this model folder has no tokenizer: pass token ids")
+            try:  # JSON may carry a lone surrogate ("\ud800"); the tokenizer raises TypeError
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RequestError(f"the prompt is not valid Unicode text ({e.reason} at "
+                                   f"character {e.start})") from e
             return self.tokenizer.encode(prompt)
         ids = [int(t) for t in prompt]
         if any(t < 0 or t >= self.model_config.vocab_size for t in ids):
