@@ -324,8 +324,12 @@ def decode_table(args: argparse.Namespace, device: torch.device, folder: Path) -
         options["num_kv_blocks"] = args.num_kv_blocks
     if args.kv_fraction:
         options["kv_cache_fraction"] = args.kv_fraction
+    start = time.perf_counter()
     llm = LLM(str(folder), **options)
     engine = llm.engine
+    if engine.instance.graphs is not None:
+        print(f"engine start: {time.perf_counter() - start:.1f} s, with "
+              f"{len(engine.instance.graphs.graphs)} decode graphs captured")
     model = engine.instance.model
     params = sum(p.numel() for p in model.parameters())
     total_blocks = llm.kv_stats()[0].total

@@ -60,16 +60,32 @@ def test_graph_tokens_equal_eager_and_hugging_face(tiny_llama: Path) -> None:
     assert eager_llm.engine.instance.graphs is None
     graphed, llm = _generate(tiny_llama, prompts, params)
     assert graphed == eager
-    captured = llm.engine.instance.graphs.graphs
-    assert len({rows for rows, _ in captured}) >= 3, sorted(captured)  # the batch shrank
-    assert any(splits > 1 for _, splits in captured), sorted(captured)
-    assert llm.engine.instance.graphs.steps_ahead_used > 0  # async scheduling took part
+    graphs = llm.engine.instance.graphs
+    assert set(graphs.replays) <= set(graphs.graphs)
+    assert len(graphs.graphs) > len(graphs.replays)  # all captured at start, some never used
+    assert len({rows for rows, _ in graphs.replays}) >= 3, graphs.replays  # the batch shrank
+    assert any(splits > 1 for _, splits in graphs.replays), graphs.replays
+    assert graphs.steps_ahead_used > 0  # async scheduling took part
     assert all(s.free == s.total for s in llm.kv_stats())
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda()
     for ids, p, ours in list(zip(prompts, params, graphed))[::6]:
         out = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=p.max_tokens,
                           do_sample=False, eos_token_id=None, pad_token_id=0)
         assert out[0, len(ids):].tolist() == ours
+
+
+def test_decode_graphs_are_captured_at_start(tiny_llama: Path) -> None:
+    """Serving replays graphs captured when the engine started: none is captured mid-run."""
+    llm = LLM(str(tiny_llama), device="cuda", dtype="float32", block_size=16,
+              num_kv_blocks=512, max_num_seqs=40)
+    graphs = llm.engine.instance.graphs
+    at_start = dict(graphs.graphs)
+    assert {rows for rows, _ in at_start} == set(buckets(40))
+    assert {splits for rows, splits in at_start if rows == 1} == {1, 2, 4, 8, 16, 32}
+    prompts, params = _requests(1, [random.Random(i).randint(1, 900) for i in range(40)])
+    llm.generate(prompts, params, use_tqdm=False)
+    assert graphs.graphs == at_start
+    assert len(graphs.replays) >= 3, graphs.replays
 
 
 def test_async_scheduling_gives_the_same_outputs(tiny_llama: Path) -> None:

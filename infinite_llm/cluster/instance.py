@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -56,6 +57,10 @@ class Instance:
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(model, self.attention, config.max_num_seqs)
+            start = time.perf_counter()
+            self.graphs.capture_all(pool.num_blocks * pool.block_size)
+            logger.info("rank %d: captured %d decode graphs in %.1f s", rank,
+                        len(self.graphs.graphs), time.perf_counter() - start)
         self.async_scheduling = config.async_scheduling and cluster is None
         if self.graphs is not None:  # where sampled tokens land, and when they have
             self.tokens_host = torch.empty(config.max_num_seqs, dtype=torch.long,

@@ -22,6 +22,7 @@ slots are written before any later owner of their blocks writes them (one stream
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,7 @@ class DecodeGraphs:
         self.cu_q_lens = torch.arange(max_rows + 1, dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.memory = torch.cuda.graph_pool_handle()
+        self.replays: Counter[tuple[int, int]] = Counter()  # per (bucket, splits)
         self.steps_ahead = 0  # steps launched ahead; `Instance` counts those it used
         self.steps_ahead_used = 0
 
@@ -127,7 +129,20 @@ class DecodeGraphs:
             self.graphs[key] = self._capture(rows, splits)
         graph, hidden = self.graphs[key]
         graph.replay()
+        self.replays[key] += 1
         return hidden[:n]
+
+    def capture_all(self, max_kv: int) -> None:
+        """Capture the graph of every (bucket, split count) that a plain decode step with up to
+        `max_kv` keys per row gets from the split rule now."""
+        k_cache = self.attention.pool.k[0]
+        mc = self.model.config
+        for rows in reversed(self.buckets):  # the largest first: it sizes the shared pool
+            probe = k_cache.new_empty(rows, mc.num_heads, mc.head_dim)
+            most = graph_decode_splits(probe, k_cache, max_kv)
+            for splits in (1 << i for i in range(most.bit_length())):
+                if (rows, splits) not in self.graphs:
+                    self.graphs[rows, splits] = self._capture(rows, splits)
 
     def _capture(self, rows: int, splits: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         """Warm up (compiles kernels; writes this step's K/V, which the replay rewrites with the
