@@ -228,6 +228,10 @@ BAD_REQUESTS = [  # (endpoint, body, the param the error names)
     ("chat/completions", {"messages": HI, "max_completion_tokens": 0}, "max_completion_tokens"),
     ("chat/completions", {"messages": HI, "top_logprobs": 2}, "top_logprobs"),
     ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ("chat/completions", {"messages": HI, "response_format": {"type": "json_object"}},
+     "response_format"),
+    ("chat/completions", {"messages": HI, "tools": [{"type": "function",
+                                                     "function": {"name": "f"}}]}, "tools"),
 ]
 
 
@@ -237,6 +241,15 @@ def test_bad_request_gets_400_with_openai_body(tiny_server, endpoint, body, para
     error = _assert_openai_error(response, 400)
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
+
+
+def test_defaults_of_refused_fields_are_served(tiny_server) -> None:
+    """What OpenAI clients send when they mean the default passes: only values that would be
+    ignored are refused."""
+    body = {"messages": HI, "max_tokens": 1, "response_format": {"type": "text"}, "tools": [],
+            "presence_penalty": 0, "n": 1, "logit_bias": {}}
+    response = _post(f"{tiny_server}/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
 
 
 def test_prompt_too_long_names_the_limit(tiny_server) -> None:

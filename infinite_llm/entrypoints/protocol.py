@@ -1,10 +1,11 @@
 """OpenAI request bodies (pydantic) and their translation to `SamplingParams`.
 
 Only what the engine can honour is accepted: a field whose non-default value would be silently
-ignored (penalties, logit_bias, n > 1, echo, best_of) is rejected with a 400 instead. Unknown
-fields are ignored, as OpenAI's and vLLM's servers do, so newer clients keep working. Value ranges
-are checked by `SamplingParams`; the pydantic fields repeat the simple bounds so that the
-OpenAPI schema documents them (and a schema-driven client or fuzzer can keep to them).
+ignored (penalties, logit_bias, n > 1, echo, best_of, a JSON response_format, tools) is rejected
+with a 400 instead. Unknown fields are ignored, as OpenAI's and vLLM's servers do, so newer
+clients keep working. Value ranges are checked by `SamplingParams`; the pydantic fields repeat
+the simple bounds so that the OpenAPI schema documents them (and a schema-driven client or fuzzer
+can keep to them).
 """
 
 from __future__ import annotations
@@ -156,10 +157,19 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None  # tools' deprecated predecessor
 
     def sampling_params(self) -> SamplingParams:
         if not self.messages:
             raise bad_request("messages must not be empty", "messages")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise bad_request("response_format is not supported (no guided decoding): only "
+                              '{"type": "text"}', "response_format")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise bad_request(f"{name} are not supported (no tool calling)", name)
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs to be true", "top_logprobs")
         max_tokens = self.max_completion_tokens
