@@ -1,8 +1,12 @@
 """infinite-llm: an LLM serving engine with the KV cache and attention pooled across instances."""
 
+from infinite_llm.config import ConfigError
+from infinite_llm.engine.engine import RequestError
 from infinite_llm.engine.output import CompletionOutput, RequestOutput
 from infinite_llm.entrypoints.api import LLM
-from infinite_llm.sampling import SamplingParams
+from infinite_llm.models.loader import ModelNotFoundError
+from infinite_llm.sampling import SamplingParams, SamplingParamsError
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "ConfigError", "ModelNotFoundError", "RequestError",
+           "RequestOutput", "SamplingParams", "SamplingParamsError"]
 __version__ = "0.1.0"

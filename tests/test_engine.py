@@ -9,13 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from infinite_llm import LLM, SamplingParams
-from infinite_llm.config import ConfigError
+from infinite_llm import (  # the README's error types, from the package itself
+    LLM,
+    ConfigError,
+    ModelNotFoundError,
+    RequestError,
+    SamplingParams,
+    SamplingParamsError,
+)
 from infinite_llm.engine.cuda_graphs import Ahead
-from infinite_llm.engine.engine import RequestError
-from infinite_llm.models.loader import ModelNotFoundError
 from infinite_llm.request import Request
-from infinite_llm.sampling import SamplingParamsError
 
 NEW_TOKENS = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
