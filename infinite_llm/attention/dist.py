@@ -86,6 +86,13 @@ class DistAttention:
         self.scale = head_dim**-0.5
         self.ops = attention_ops(pool.k.device)
         self.exchange = False
+        # The step's layout, set by `begin_step` (none yet: CUDA graphs are captured at start).
+        self._num_tokens = 0
+        self._local: PagedBatch | None = None
+        self._slots: Tensor | None = None
+        self._kv_index: Tensor | None = None
+        self._local_q: Tensor | None = None
+        self._slots_of: list[tuple[Tensor, Tensor]] | None = None
 
     def begin_step(self, requests: list[Request], num_tokens: list[int]) -> bool:
         """Lay out a step in which request i computes its next `num_tokens[i]` tokens; returns
