@@ -45,6 +45,11 @@ def parse_sizes(text: str) -> list[int]:
     return [int(s[:-1]) * 1024 if s.endswith("K") else int(s) for s in text.split(",")]
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"1Kx16,128Kx1" -> [(1024, 16), (131072, 1)]."""
+    return [(parse_sizes(c)[0], int(b)) for c, b in (s.split("x") for s in text.split(","))]
+
+
 def hardware() -> str:
     props = torch.cuda.get_device_properties(0)
     return (f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} "
@@ -173,7 +178,7 @@ def main_table(args: argparse.Namespace, copy_gbs: float) -> None:
 def sweep(args: argparse.Namespace) -> None:
     """Bandwidth of graph decode launches (tiles x split counts, each row splitting its own keys)
     at the engine's common shapes, timed in graphs, to choose the engine's defaults."""
-    shapes = [(1024, 16), (1024, 64), (1024, 256), (8192, 16), (32768, 1), (131072, 1)]
+    shapes = args.sweep_shapes
     tiles = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4)))
     for block_size in args.block_sizes:
         for context, batch in shapes:
@@ -259,6 +264,9 @@ def main() -> None:
     parser.add_argument("--timing", choices=("graph", "eager"), default="graph")
     parser.add_argument("--sweep", action="store_true",
                         help="also sweep graph decode launches (tiles x splits)")
+    parser.add_argument("--sweep-shapes", type=parse_shapes,
+                        default=parse_shapes("1Kx16,1Kx64,1Kx256,8Kx16,32Kx1,128Kx1"),
+                        help="CONTEXTxBATCH,... for --sweep")
     parser.add_argument("--prefill", action="store_true", help="also time causal prefill")
     parser.add_argument("--prefill-sweep", action="store_true",
                         help="also time causal prefill and sweep its tile configs")
