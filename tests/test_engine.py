@@ -166,6 +166,8 @@ def test_bad_input_raises_typed_errors_and_leaks_nothing(llama_path: Path, tmp_p
         llm.generate(["a lone surrogate \ud800"], use_tqdm=False)
     with pytest.raises(SamplingParamsError, match="temperature"):
         llm.generate(["hi"], SamplingParams(temperature=-1.0), use_tqdm=False)
+    with pytest.raises(RequestError, match="chat template rejected"):
+        llm.chat([{"content": "a message without a role"}], use_tqdm=False)
     assert not llm.engine.has_unfinished_requests() and _all_free(llm)
     with pytest.raises(ModelNotFoundError, match="nowhere"):
         LLM(str(tmp_path / "nowhere"))

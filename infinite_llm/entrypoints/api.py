@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jinja2
 from tqdm import tqdm
 
 from infinite_llm.engine.engine import LLMEngine, RequestError, engine_config
@@ -73,9 +74,14 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(self, messages: Sequence[Message]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        """The conversation's prompt tokens; a RequestError when the template rejects the
+        messages (a missing role, a content that isn't text), not jinja's own error."""
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            raise RequestError(f"the chat template rejected the messages: {e}") from e
         return list(ids)
 
     def kv_stats(self) -> list[KVStats]:
