@@ -143,6 +143,22 @@ def _assert_openai_error(response: httpx.Response, status: int) -> dict:
     return error
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--port", "70000"], "port must be in [0, 65535]"),
+    (["--max-waiting", "0"], "max_waiting must be >= 1"),
+    (["--max-body-bytes", "-5"], "max_body_bytes must be >= 1"),
+])
+def test_serve_refuses_bad_flags_in_one_line(flags, message) -> None:
+    """Before the model loads: no traceback, and no server that would answer every request
+    with 503 (max_waiting 0) or 413 (a body limit below 1)."""
+    cmd = [sys.executable, "-m", "infinite_llm.entrypoints.cli", "serve", "--port",
+           str(_free_port()), *flags]  # a later --port wins
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.startswith("error: ") and message in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and not run.stdout
+
+
 # ---- the default model through the official client ------------------------------------------
 
 

@@ -110,10 +110,10 @@ def add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from infinite_llm.entrypoints.server import ServerConfig, run_server
 
-    config = ServerConfig(args.model, _engine_options(args), args.host, args.port, args.api_key,
-                          args.max_waiting, args.max_body_bytes, args.served_model_name,
-                          args.log_level)
     try:
+        config = ServerConfig(args.model, _engine_options(args), args.host, args.port,
+                              args.api_key, args.max_waiting, args.max_body_bytes,
+                              args.served_model_name, args.log_level)
         run_server(config)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infinite_llm import __version__
+from infinite_llm.config import ConfigError
 from infinite_llm.engine.async_engine import AsyncLLMEngine
 from infinite_llm.entrypoints.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from infinite_llm.entrypoints.serving import OpenAIServing
@@ -55,6 +56,16 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     served_model_name: str | None = None
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        """Checked before the model loads: a bad flag fails at once with one line, rather than
+        after loading with a traceback (port) or as a server that refuses every request."""
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_waiting is not None and self.max_waiting < 1:
+            raise ConfigError(f"max_waiting must be >= 1 (unset: no limit), got {self.max_waiting}")
+        if self.max_body_bytes < 1:
+            raise ConfigError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
 
     @property
     def model_name(self) -> str:
