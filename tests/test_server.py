@@ -434,6 +434,22 @@ def test_bench_serve_random_prompts(tiny_server, tmp_path) -> None:
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max-concurrency", "0"], "--max-concurrency must be >= 1"),
+    (["--request-rate", "-1"], "--request-rate must be > 0"),
+    (["--num-prompts", "0"], "--num-prompts must be >= 1"),
+    (["--trace", "/nonexistent/trace.jsonl"], "/nonexistent/trace.jsonl"),
+])
+def test_bench_serve_refuses_bad_flags(tiny_server, tmp_path, capsys, flags, message) -> None:
+    """An error line and exit code 2, not a hang (--max-concurrency 0) or a traceback."""
+    args = ["bench", "serve", "--url", tiny_server, "--random-input-len", "4",
+            "--random-output-len", "2", "--num-prompts", "2", *flags,
+            "--output-json", str(tmp_path / "b.json"), "--output-png", str(tmp_path / "b.png")]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().out
+    assert not (tmp_path / "b.json").exists()
+
+
 @pytest.mark.slow
 def test_bench_serve_trace_keeps_its_arrivals(tiny_server, tmp_path) -> None:
     trace = tmp_path / "trace.jsonl"

@@ -274,8 +274,23 @@ def plot(results: list[RequestResult], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _bad_flag(args: argparse.Namespace) -> str | None:
+    """What is wrong with the numbers asked for, before any request: `--max-concurrency 0`
+    would wait forever for a free slot."""
+    for name in ("num_prompts", "random_input_len", "random_output_len", "max_concurrency"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    if args.request_rate is not None and not args.request_rate > 0:
+        return f"--request-rate must be > 0 (inf: all at once), got {args.request_rate}"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     """`bench serve`; returns 0 when every request completed."""
+    if problem := _bad_flag(args):
+        print(f"error: {problem}")
+        return 2
     try:
         card = asyncio.run(_server_model(args.url, args.api_key))
     except httpx.HTTPError as e:
@@ -288,7 +303,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     rng = random.Random(args.seed)
     if args.trace:
-        requests = trace_requests(Path(args.trace), vocab_size, rng)
+        try:
+            requests = trace_requests(Path(args.trace), vocab_size, rng)
+        except (OSError, ValueError) as e:
+            print(f"error: {e}")
+            return 2
     elif None in (args.random_input_len, args.random_output_len, args.num_prompts):
         print("error: give --trace FILE, or --random-input-len, --random-output-len and "
               "--num-prompts")
