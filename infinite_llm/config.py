@@ -183,6 +183,14 @@ class EngineConfig:
                 f"data_backend must be 'auto', 'nccl' or 'gloo', got {self.data_backend!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        # Here rather than at first use, where a missing GPU is a ZeroDivisionError or NCCL's
+        # "not built in" deep inside the process group's start.
+        device = self.torch_device
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device {self.device!r} is not available: torch sees "
+                              f"{torch.cuda.device_count()} CUDA device(s) here")
+        if self.data_backend == "nccl" and device.type != "cuda":
+            raise ConfigError("data_backend 'nccl' needs device 'cuda'; on CPU use 'gloo'")
 
     @property
     def torch_device(self) -> torch.device:

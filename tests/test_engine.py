@@ -173,6 +173,11 @@ def test_bad_input_raises_typed_errors_and_leaks_nothing(llama_path: Path, tmp_p
         LLM(str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match="unknown engine options"):
         LLM(str(llama_path), num_kv_blockz=8)
+    missing_gpu = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, on any machine
+    with pytest.raises(ConfigError, match=f"device '{missing_gpu}' is not available"):
+        LLM(str(llama_path), device=missing_gpu)
+    with pytest.raises(ConfigError, match="data_backend 'nccl' needs device 'cuda'"):
+        LLM(str(llama_path), device="cpu", data_backend="nccl", num_instances=2)
     # A prompt that fits but whose output would not: generation stops at the pool's limit.
     out = llm.generate([list(range(10, 30))], GREEDY, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 12 and out.finish_reason == "length" and _all_free(llm)
