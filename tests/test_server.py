@@ -227,7 +227,6 @@ def test_api_key_is_required_on_v1_only(default_server) -> None:
 
 HI = [{"role": "user", "content": "hi"}]
 BAD_REQUESTS = [  # (endpoint, body, the param the error names)
-    ("completions", {"model": "gpt-4", "prompt": "hi"}, "model"),
     ("completions", {"prompt": "hi", "n": 2}, "n"),
     ("completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
     ("completions", {"prompt": "hi", "temperature": -0.5}, "temperature"),
@@ -266,6 +265,15 @@ def test_defaults_of_refused_fields_are_served(tiny_server) -> None:
             "presence_penalty": 0, "n": 1, "logit_bias": {}}
     response = _post(f"{tiny_server}/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
+
+
+def test_unknown_model_gets_404_as_from_openai(tiny_server) -> None:
+    client = openai.OpenAI(base_url=f"{tiny_server}/v1", api_key="unused")
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=1)
+    response = _post(f"{tiny_server}/v1/chat/completions", json={"model": "gpt-4", "messages": HI})
+    error = _assert_openai_error(response, 404)
+    assert (error["param"], error["code"]) == ("model", "model_not_found")
 
 
 def test_prompt_too_long_names_the_limit(tiny_server) -> None:

@@ -148,7 +148,7 @@ def run_server(config: ServerConfig) -> None:
 
 def _openapi(app: FastAPI, model_name: str) -> dict[str, Any]:
     """The generated schema, with `model` narrowed to the one name served (a request naming
-    another model is a 400, so the schema says so)."""
+    another model is a 404, so the schema says so)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         for name in ("CompletionRequest", "ChatCompletionRequest"):

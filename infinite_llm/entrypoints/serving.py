@@ -200,8 +200,9 @@ class OpenAIServing:
         return await self._generate(fmt, self._chat_prompt(body), params, body, request)
 
     def _check_model(self, model: str | None) -> None:
+        """404, as OpenAI and vLLM answer: the official client raises NotFoundError for it."""
         if model is not None and model != self.model_name:
-            raise APIError(400, f"the model {model!r} does not exist; this server serves "
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
                            f"{self.model_name!r}", "model", "model_not_found")
 
     def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
