@@ -459,6 +459,16 @@ def test_bench_serve_refuses_bad_flags(tiny_server, tmp_path, capsys, flags, mes
 
 
 @pytest.mark.slow
+def test_bench_serve_without_the_api_key_says_so(default_server, tmp_path, capsys) -> None:
+    args = ["bench", "serve", "--url", default_server, "--random-input-len", "4",
+            "--random-output-len", "2", "--num-prompts", "1",
+            "--output-json", str(tmp_path / "b.json"), "--output-png", str(tmp_path / "b.png")]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().out == (f"error: {default_server}/v1/models answered HTTP 401 "
+                                       "(pass --api-key)\n")
+
+
+@pytest.mark.slow
 def test_bench_serve_trace_keeps_its_arrivals(tiny_server, tmp_path) -> None:
     trace = tmp_path / "trace.jsonl"
     rows = [{"prompt_len": 5, "output_len": 3, "arrival_s": 0.0, "request_id": "a"},

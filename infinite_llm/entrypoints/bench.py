@@ -293,6 +293,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         card = asyncio.run(_server_model(args.url, args.api_key))
+    except httpx.HTTPStatusError as e:  # it answered: say what, not "cannot reach"
+        hint = " (pass --api-key)" if e.response.status_code == 401 else ""
+        print(f"error: {e.request.url} answered HTTP {e.response.status_code}{hint}")
+        return 2
     except httpx.HTTPError as e:
         print(f"error: cannot reach {args.url}: {e}")
         return 2
