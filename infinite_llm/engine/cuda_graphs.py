@@ -79,6 +79,7 @@ class DecodeGraphs:
         self.cu_q_lens = torch.arange(max_rows + 1, dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.memory = torch.cuda.graph_pool_handle()
+        self.capture_stream = torch.cuda.Stream(device)
         self.replays: Counter[tuple[int, int]] = Counter()  # per (bucket, splits)
         self.steps_ahead = 0  # steps launched ahead; `Instance` counts those it used
         self.steps_ahead_used = 0
@@ -158,6 +159,12 @@ class DecodeGraphs:
             self.model(ids, positions, self.attention)
             torch.cuda.current_stream().synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.memory):
-                hidden = self.model(ids, positions, self.attention)
+            # capture_begin/end on a side stream (what `torch.cuda.graph` does), without the
+            # gc.collect() and allocator cache flush that `torch.cuda.graph` runs per graph.
+            with torch.cuda.stream(self.capture_stream):
+                graph.capture_begin(pool=self.memory)
+                try:
+                    hidden = self.model(ids, positions, self.attention)
+                finally:
+                    graph.capture_end()
         return graph, hidden
