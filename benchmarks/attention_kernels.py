@@ -9,7 +9,7 @@ Prints the hardware, a table, and the ratios ours / copy and ours / SDPA.
 Decode is timed as the engine runs it (`--timing graph`, the default): inside one CUDA graph
 that calls the kernel on L copies of the KV one after another, like the layers of a decode step
 (L copies make at least 1 GB, so the L2 cache holds none of a call's KV), with the launch shape
-the engine's graphs use (`graph_decode_ops`: a power-of-two split count, each row splitting its
+the engine's graphs use (`graph_decode_config`: a power-of-two split count, each row splitting its
 own keys). SDPA is timed the same way. The time per call is the median replay / L. With
 `--timing eager`, each call is timed alone by `triton.testing.do_bench` (L2 flushed before
 every call), host launch time included: that is what short contexts measured before.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from infinite_llm.attention import graph_decode_ops, graph_decode_splits
+from infinite_llm.attention import graph_decode_config, graph_decode_ops
 from infinite_llm.attention import triton as kernels
 from infinite_llm.attention.reference import PagedBatch
 
@@ -132,8 +132,7 @@ def ours_ms(batch: int, context: int, block_size: int, timing: str,
              for _ in range(layers(kv_bytes(batch, context)))]
     if config is None:
         q, k_cache = cases[0][:2]
-        splits = graph_decode_splits(q, k_cache, context)
-        attend = graph_decode_ops(k_cache, batch, splits).paged_attention
+        attend = graph_decode_ops(graph_decode_config(q, k_cache, context)).paged_attention
     else:
         attend = partial(kernels.decode_attention, config=config)
     return graph_ms([partial(attend, *case, scale) for case in cases])
@@ -187,7 +186,7 @@ def sweep(args: argparse.Namespace) -> None:
                 continue
             cases = [paged_case(batch, context, block_size) for _ in range(layers(nbytes))]
             q, k_cache = cases[0][:2]
-            shipped = graph_decode_splits(q, k_cache, context)
+            shipped = graph_decode_config(q, k_cache, context)
             results = []
             for (n, w, st), splits in itertools.product(tiles, (1, 2, 4, 8, 16, 32, 64, 128)):
                 if splits * n > context:
@@ -202,8 +201,7 @@ def sweep(args: argparse.Namespace) -> None:
                     continue
                 results.append((nbytes / (ms * 1e-3) / GB, (n, w, st, splits)))
             results.sort(reverse=True)
-            default = kernels.default_config(k_cache, batch)
-            mine = (default.block_n, default.num_warps, default.num_stages, shipped)
+            mine = (shipped.block_n, shipped.num_warps, shipped.num_stages, shipped.splits)
             print(f"sweep bs{block_size} {context // 1024}K x {batch} (block_n, warps, stages, "
                   f"splits): engine {mine} {dict((c, g) for g, c in results).get(mine, 0):.0f} "
                   f"GB/s; best " + ", ".join(f"{c} {g:.0f}" for g, c in results[:6])

@@ -10,12 +10,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from infinite_llm.attention import reference
 from infinite_llm.attention.reference import PagedBatch
+
+if TYPE_CHECKING:  # the triton package imports triton: only where CUDA kernels run
+    from infinite_llm.attention.triton.decode import DecodeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +52,38 @@ def attention_ops(device: torch.device | str) -> AttentionOps:
 
 
 
-def graph_decode_splits(q: Tensor, k_cache: Tensor, max_kv: int) -> int:
-    """Splits per row for a decode launch that a CUDA graph replays: what `max_kv` keys over
-    `q`'s rows get now, rounded down to a power of two (so few graphs cover all steps, and the
-    launch stays within one round of resident programs)."""
+def graph_decode_config(q: Tensor, k_cache: Tensor, max_kv: int) -> DecodeConfig:
+    """The decode launch a CUDA graph replays for `q`'s rows of up to `max_kv` keys (q: only its
+    shape counts): the split count they get now, rounded down to a power of two (so few graphs
+    cover all steps, and the launch stays within one round of resident programs), each row
+    dividing its own keys over the splits (steps differ in lengths, not in launch shape), and
+    the tiles for that."""
     from infinite_llm.attention import triton as kernels
 
-    splits = kernels.choose_splits(q.shape[0], q, k_cache, max_kv,
-                                   kernels.default_config(k_cache, q.shape[0]))
-    return 1 << (splits.bit_length() - 1)
+    config = kernels.default_config(k_cache)
+    splits = kernels.choose_splits(q.shape[0], q, k_cache, max_kv, config)
+    splits = 1 << (splits.bit_length() - 1)
+    config = kernels.long_tiles(config, k_cache, q.shape[0], max_kv // splits)
+    return replace(config, splits=splits, split_per_row=True)
 
 
-def graph_decode_ops(k_cache: Tensor, num_rows: int, splits: int) -> AttentionOps:
-    """The Triton ops with the decode launch fixed: `splits` splits, each row dividing its own
-    keys over them (the steps a graph replays differ in lengths, not in launch shape)."""
+def graph_decode_configs(q: Tensor, k_cache: Tensor, max_kv: int) -> list[DecodeConfig]:
+    """Every `graph_decode_config` that steps of `q`'s rows with up to `max_kv` keys can get:
+    the split counts up to the largest, each with tiles of 64, and the largest also with tiles
+    of 128 where `long_tiles` gives them (fewer keys never take more splits)."""
     from infinite_llm.attention import triton as kernels
 
-    config = replace(kernels.default_config(k_cache, num_rows), splits=splits,
-                     split_per_row=True)
+    top = graph_decode_config(q, k_cache, max_kv)
+    base = kernels.default_config(k_cache)
+    assert top.splits is not None
+    return [*(replace(base, splits=1 << i, split_per_row=True)
+              for i in range(top.splits.bit_length())),
+            *([top] if top.block_n != base.block_n else [])]
+
+
+def graph_decode_ops(config: DecodeConfig) -> AttentionOps:
+    """The Triton ops with the decode launch fixed to `config`."""
+    from infinite_llm.attention import triton as kernels
+
     return AttentionOps(kernels.store_kv, partial(kernels.decode_attention, config=config),
                         kernels.merge)

@@ -8,8 +8,10 @@ chunks and steps that exchange with other instances run eagerly.
 
 Steps are padded to a bucket of rows (1, 2, 4, 8, then multiples of 16): padding rows have no keys
 and the K/V slot `PAD_SLOT`, so they store nothing and their outputs are ignored. Each bucket gets a
-graph per decode split count (a power of two), captured at its first use; all graphs share one
-memory pool, as only one runs at a time.
+graph per decode launch (a power-of-two split count and its key tiles). `capture_all` captures
+every one a step can get when the instance starts, largest bucket first, so serving never stalls
+on a capture (one the split rule picks later, once a kernel's occupancy is learned, is captured
+at first use); all graphs share one memory pool, as only one runs at a time.
 
 While the host waits for a decode step's sampled tokens, the next decode step of the same
 requests is already queued behind it (`launch_ahead`): its input ids are the sampled tokens,
@@ -24,15 +26,24 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from infinite_llm.attention import PAD_SLOT, graph_decode_ops, graph_decode_splits
+from infinite_llm.attention import (
+    PAD_SLOT,
+    graph_decode_config,
+    graph_decode_configs,
+    graph_decode_ops,
+)
 from infinite_llm.attention.dist import DistAttention, to_device
 from infinite_llm.attention.reference import PagedBatch
 from infinite_llm.models.llama import LlamaForCausalLM
 from infinite_llm.request import Request
+
+if TYPE_CHECKING:  # imports triton: CPU-only installs never need it
+    from infinite_llm.attention.triton.decode import DecodeConfig
 
 
 def buckets(max_rows: int) -> list[int]:
@@ -77,10 +88,11 @@ class DecodeGraphs:
         self.kv_starts = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.kv_lens = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.cu_q_lens = torch.arange(max_rows + 1, dtype=torch.long, device=device)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        # (bucket, decode launch) -> the graph and its output
+        self.graphs: dict[tuple[int, DecodeConfig], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.memory = torch.cuda.graph_pool_handle()
         self.capture_stream = torch.cuda.Stream(device)
-        self.replays: Counter[tuple[int, int]] = Counter()  # per (bucket, splits)
+        self.replays: Counter[tuple[int, DecodeConfig]] = Counter()
         self.steps_ahead = 0  # steps launched ahead; `Instance` counts those it used
         self.steps_ahead_used = 0
 
@@ -121,31 +133,31 @@ class DecodeGraphs:
         if n < rows:  # padding rows: no keys, nothing stored
             self.slots[n:rows].fill_(PAD_SLOT)
             self.kv_lens[n:rows].zero_()
-        k_cache = self.attention.pool.k[0]
-        mc = self.model.config
-        probe = k_cache.new_empty(rows, mc.num_heads, mc.head_dim)  # the shape splits depend on
-        splits = graph_decode_splits(probe, k_cache, max(batch.kv_lens_host))
-        key = (rows, splits)
+        config = graph_decode_config(self._probe(rows), self.attention.pool.k[0],
+                                     max(batch.kv_lens_host))
+        key = (rows, config)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(rows, splits)
+            self.graphs[key] = self._capture(rows, config)
         graph, hidden = self.graphs[key]
         graph.replay()
         self.replays[key] += 1
         return hidden[:n]
 
     def capture_all(self, max_kv: int) -> None:
-        """Capture the graph of every (bucket, split count) that a plain decode step with up to
-        `max_kv` keys per row gets from the split rule now."""
-        k_cache = self.attention.pool.k[0]
-        mc = self.model.config
+        """Capture the graph of every (bucket, decode launch) that a plain decode step with up
+        to `max_kv` keys per row gets from the split rule now."""
         for rows in reversed(self.buckets):  # the largest first: it sizes the shared pool
-            probe = k_cache.new_empty(rows, mc.num_heads, mc.head_dim)
-            most = graph_decode_splits(probe, k_cache, max_kv)
-            for splits in (1 << i for i in range(most.bit_length())):
-                if (rows, splits) not in self.graphs:
-                    self.graphs[rows, splits] = self._capture(rows, splits)
+            for config in graph_decode_configs(self._probe(rows), self.attention.pool.k[0],
+                                               max_kv):
+                if (rows, config) not in self.graphs:
+                    self.graphs[rows, config] = self._capture(rows, config)
 
-    def _capture(self, rows: int, splits: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _probe(self, rows: int) -> Tensor:
+        """A tensor of q's shape for `rows` rows: what the decode launch depends on."""
+        mc = self.model.config
+        return self.attention.pool.k.new_empty(rows, mc.num_heads, mc.head_dim)
+
+    def _capture(self, rows: int, config: DecodeConfig) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         """Warm up (compiles kernels; writes this step's K/V, which the replay rewrites with the
         same values) and capture the forward over the first `rows` rows of the buffers."""
         batch = PagedBatch(
@@ -153,7 +165,7 @@ class DecodeGraphs:
             block_tables=self.block_tables[:rows], kv_starts=self.kv_starts[:rows],
             kv_lens=self.kv_lens[:rows], q_lens=[1] * rows, kv_lens_host=[0] * rows,
         )
-        ops = graph_decode_ops(self.attention.pool.k[0], rows, splits)
+        ops = graph_decode_ops(config)
         ids, positions = self.input_ids[:rows], self.positions[:rows]
         with self.attention.fixed_step(batch, self.slots[:rows], ops):
             self.model(ids, positions, self.attention)

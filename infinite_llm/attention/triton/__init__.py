@@ -14,6 +14,7 @@ from infinite_llm.attention.triton.decode import (
     choose_splits,
     decode_attention,
     default_config,
+    long_tiles,
 )
 from infinite_llm.attention.triton.merge import merge, merge_into
 from infinite_llm.attention.triton.prefill import prefill_attention
@@ -24,6 +25,7 @@ __all__ = [
     "choose_splits",
     "decode_attention",
     "default_config",
+    "long_tiles",
     "merge",
     "merge_into",
     "paged_attention",

@@ -14,7 +14,7 @@ by the last split to finish, measured slower on an H100: the merges then run aft
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -45,7 +45,7 @@ class DecodeConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    min_split_tokens: int = 256
+    min_split_tokens: int = 64
     splits: int | None = None
     split_per_row: bool = False
 
@@ -183,17 +183,22 @@ def _kernel_key(q: Tensor, k_cache: Tensor, config: DecodeConfig) -> tuple:
             k_cache.shape[1], config)
 
 
-def default_config(k_cache: Tensor, num_rows: int) -> DecodeConfig:
-    """Key tiles of 64 (32 for fp32 caches: twice the bytes per key). Where rows x kv_heads
-    programs can't fill the GPU and the keys are split, tiles of 128, so each program streams
-    longer runs between its fixed costs: an H100 sweep (`benchmarks/attention_kernels.py
-    --sweep`) measured 128 best at 1K x 16, 8K x 16, 32K x 1 and 128K x 1, and 64 at 1K x 64 and
-    1K x 256."""
-    if k_cache.element_size() == 4:
-        return DecodeConfig(block_n=32)
-    if num_rows * k_cache.shape[2] <= 2 * _sm_count(k_cache.device):
-        return DecodeConfig(block_n=128)
-    return DecodeConfig()
+def default_config(k_cache: Tensor) -> DecodeConfig:
+    """Key tiles of 64, 32 for fp32 caches (twice the bytes per key)."""
+    return DecodeConfig(block_n=32) if k_cache.element_size() == 4 else DecodeConfig()
+
+
+def long_tiles(config: DecodeConfig, k_cache: Tensor, num_rows: int,
+               keys_per_split: int) -> DecodeConfig:
+    """`config` with key tiles of 128 where rows x kv_heads programs can't fill the GPU (the
+    keys are split) and each split has 512 keys or more, so each program streams longer runs
+    between its fixed costs; else `config`. 16-bit caches only. An H100 sweep
+    (`benchmarks/attention_kernels.py --sweep`) measured 128 best at 16K-128K x 1, 4K x 8,
+    1K x 16 and 8K x 16, and 64 at 1K x 1 (16 splits of 64 keys), 4K x 1, 1K x 64 and 1K x 256."""
+    if (k_cache.element_size() == 2 and keys_per_split >= 512
+            and num_rows * k_cache.shape[2] <= 2 * _sm_count(k_cache.device)):
+        return replace(config, block_n=128)
+    return config
 
 
 def choose_splits(num_rows: int, q: Tensor, k_cache: Tensor, max_kv: int,
@@ -215,24 +220,27 @@ def decode_attention(
     num_rows, num_heads, head_dim = q.shape
     _, page, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
+    chosen = config is None  # the tiles follow the split count
     if config is None:
-        config = default_config(k_cache, num_rows)
+        config = default_config(k_cache)
     if q.stride(2) != 1 or q.stride(1) != head_dim:
         q = q.contiguous()
     out = torch.empty(num_rows, num_heads, head_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(num_rows, num_heads, dtype=torch.float32, device=q.device)
     if num_rows == 0:
         return out, lse
-    key = _kernel_key(q, k_cache, config)
     if config.split_per_row:
         if config.splits is None:
             raise ValueError("split_per_row needs a fixed number of splits")
         splits, per_split = config.splits, 0
     else:
         max_kv = max(batch.kv_lens_host)
-        per_split = split_tokens(
-            max_kv, choose_splits(num_rows, q, k_cache, max_kv, config), config.block_n)
+        splits = choose_splits(num_rows, q, k_cache, max_kv, config)
+        if chosen:
+            config = long_tiles(config, k_cache, num_rows, max_kv // splits)
+        per_split = split_tokens(max_kv, splits, config.block_n)
         splits = max(1, -(-max_kv // per_split))
+    key = _kernel_key(q, k_cache, config)
     if splits == 1:
         o_part, lse_part = out, lse  # placeholders, never touched
     else:
