@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infinite_llm import LLM, SamplingParams
+from infinite_llm import LLM, ConfigError, SamplingParams
 from infinite_llm.cluster.comm import WorkerError
 from infinite_llm.engine.engine import MigrationError, RequestError
 
@@ -188,4 +188,15 @@ def test_two_requests_too_large_to_run_together_both_finish(llama_path: Path) ->
             assert all(s.free + s.own + s.lent == s.total for s in stats)
         assert not engine.has_unfinished_requests(), "the two requests preempt each other"
         assert [tokens["0"], tokens["1"]] == expected
+        assert _all_free(llm)
+
+
+def test_a_second_engine_is_refused_and_the_first_keeps_running(llama_path: Path,
+                                                                 reference) -> None:
+    # The refusal used to tear down the running engine's process group on its way out.
+    for llm in _cluster(llama_path, 2, num_kv_blocks=16):
+        with pytest.raises(ConfigError, match="already runs in this process"):
+            LLM(str(llama_path), num_instances=2, block_size=4, num_kv_blocks=16)
+        outs = llm.generate(SHORT[:2], GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == reference["short"][:2]
         assert _all_free(llm)

@@ -54,6 +54,10 @@ class LLMEngine:
         self.config = config
         self.workers: list[subprocess.Popen] = []
         self._failure: Exception | None = None
+        # Checked before the try: its cleanup would tear down the running engine's group.
+        if config.num_instances > 1 and dist.is_initialized():
+            raise ConfigError("a multi-instance engine already runs in this process; "
+                              "shutdown() it first")
         try:
             self.cluster = self._start_cluster(config)
             self.instance = build_instance(config, 0, self.cluster)
@@ -89,9 +93,6 @@ class LLMEngine:
         n = config.num_instances
         if n == 1:
             return None
-        if dist.is_initialized():
-            raise ConfigError("a multi-instance engine already runs in this process; "
-                              "shutdown() it first")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
             world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
             if world != n:
