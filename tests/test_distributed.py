@@ -137,9 +137,14 @@ def test_migration_keeps_tokens_and_frees_blocks(llama_path: Path, reference) ->
         owner = next(i for i, s in enumerate(llm.kv_stats()) if s.own)
         held = llm.kv_stats()[owner].own
         engine.migrate("long", 1 - owner)
+        with pytest.raises(MigrationError, match="migrates at the next step already"):
+            engine.migrate("long", 1 - owner)
         tokens = engine.step()[0].outputs[0].token_ids
         stats = llm.kv_stats()
         assert stats[1 - owner].lent == held and stats[owner].borrowed == held
+        # Its owner has nothing left to send: this was a KeyError on the owner mid-step.
+        with pytest.raises(MigrationError, match=f"holds no blocks on its owner, instance {owner}"):
+            engine.migrate("long", 1 - owner)
         while engine.has_unfinished_requests():
             for out in engine.step():
                 tokens = out.outputs[0].token_ids

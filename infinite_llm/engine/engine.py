@@ -266,13 +266,20 @@ class LLMEngine:
         """Move the request's KV blocks on its owner to `target` at the next step (the
         gManager does this on its own when an owner is short of memory). Raises
         MigrationError when the target's free blocks, less those promised to migrations already
-        asked for, can't hold the request's blocks on its owner."""
+        asked for, can't hold the request's blocks on its owner, when it holds none there
+        (waiting, or moved already: the owner would have nothing to send) or when a migration
+        of it is asked for already."""
         owner = self._owners.get(request_id)
         if owner is None or request_id not in self.outputs:
             raise RequestError(f"request {request_id!r} is not running")
         if not 0 <= target < len(self.heartbeats) or target == owner:
             raise MigrationError(f"cannot migrate to instance {target}")
+        if any(m.request_id == request_id for m in self._migrations):
+            raise MigrationError(f"request {request_id!r} migrates at the next step already")
         held = dict(self.heartbeats[owner].request_blocks).get(request_id, 0)
+        if held == 0:
+            raise MigrationError(f"request {request_id!r} holds no blocks on its owner, "
+                                 f"instance {owner}")
         room = self.heartbeats[target].free_blocks - sum(
             m.num_blocks for m in self._migrations if m.target == target)
         if held > room:
