@@ -127,6 +127,29 @@ def test_killed_worker_fails_the_driver_quickly(llama_path: Path) -> None:
         llm.engine.shutdown()
 
 
+def test_interrupt_on_rank_0_mid_step_fails_fast(llama_path: Path, monkeypatch) -> None:
+    # Ctrl-C reaching rank 0 alone (a notebook's interrupt) while the workers step: the next
+    # call used to wait worker_timeout_s in a collective and then blame a worker.
+    llm = LLM(str(llama_path), num_instances=2, block_size=4, num_kv_blocks=16,
+              worker_timeout_s=20)
+    try:
+        engine = llm.engine
+
+        def interrupted(plan):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(engine.instance, "run", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(SHORT, GREEDY, use_tqdm=False)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match="rank 0 stopped mid-step"):
+            llm.generate(SHORT, GREEDY, use_tqdm=False)
+        llm.shutdown()
+        assert time.monotonic() - start < 5 and not engine.workers
+    finally:
+        llm.engine.shutdown()
+
+
 def test_migration_keeps_tokens_and_frees_blocks(llama_path: Path, reference) -> None:
     for llm in _cluster(llama_path, 2, num_kv_blocks=32):
         engine = llm.engine

@@ -105,6 +105,16 @@ class LLMEngine:
         return init_cluster(0, n, config.torch_device, config.worker_timeout_s,
                             config.torch_data_backend)
 
+    def _broadcast(self, plan: StepPlan) -> None:
+        """Send the step's plan to the workers; a dead one raises WorkerError."""
+        if self.cluster is None:
+            return
+        self._check_workers()
+        try:
+            self.cluster.broadcast(plan)
+        except Exception as e:
+            raise self._fail(e) from e
+
     def _collect(self, report: Any) -> list[Any]:
         """Every instance's report (rank 0's given); a dead or silent worker raises WorkerError."""
         if self.cluster is None:
@@ -122,6 +132,14 @@ class LLMEngine:
             f"instance(s) {dead or '?'} stopped answering ({cause}); the engine is unusable")
         self._kill_workers()
         return self._failure
+
+    def _abandon(self, cause: BaseException) -> None:
+        """Rank 0 left a step half done: the workers wait in collectives it will never join,
+        so the next step or shutdown would block for `worker_timeout_s` and then blame them."""
+        self._failure = WorkerError(
+            f"rank 0 stopped mid-step ({cause!r}); the instances are out of lockstep and the "
+            "engine is unusable")
+        self._kill_workers()
 
     def _check_workers(self) -> None:
         if self._failure is not None:
@@ -227,13 +245,13 @@ class LLMEngine:
         """One lockstep step of every instance; returns the outputs that changed."""
         plan = self._plan()
         self._pending, self._aborts, self._notices = [], [], []
-        if self.cluster is not None:
-            self._check_workers()
-            try:
-                self.cluster.broadcast(plan)
-            except Exception as e:
-                raise self._fail(e) from e
-        reports: list[StepReport] = self._collect([self.instance.run(plan)])
+        try:
+            self._broadcast(plan)
+            reports: list[StepReport] = self._collect([self.instance.run(plan)])
+        except BaseException as e:  # an error or Ctrl-C on rank 0 while the workers step
+            if self.cluster is not None and self._failure is None:
+                self._abandon(e)
+            raise
         self.heartbeats = [r.heartbeat for r in reports]
         self._notices = [n for r in reports for n in r.notices]
         self._preemptions = [r.num_preemptions for r in reports]
