@@ -6,6 +6,7 @@ never one object that carries everything.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +154,15 @@ class EngineConfig:
     data_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        # From Python a count may come as 2.5, "2" or None; checked here, not as a TypeError
+        # deep inside the start (num_instances=2.5 reached `range` when spawning workers).
+        for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs",
+                     "max_model_len", "seed", "num_instances"):
+            value = getattr(self, name)
+            if value is None and name in ("num_kv_blocks", "max_model_len"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -173,6 +173,9 @@ def test_bad_input_raises_typed_errors_and_leaks_nothing(llama_path: Path, tmp_p
         LLM(str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match="unknown engine options"):
         LLM(str(llama_path), num_kv_blockz=8)
+    for bad in (2.5, "2", None, True):  # a float reached range() as a TypeError when spawning
+        with pytest.raises(ConfigError, match=f"num_instances must be an integer, got {bad!r}"):
+            LLM(str(llama_path), num_instances=bad)
     missing_gpu = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, on any machine
     with pytest.raises(ConfigError, match=f"device '{missing_gpu}' is not available"):
         LLM(str(llama_path), device=missing_gpu)
