@@ -275,7 +275,11 @@ class LLMEngine:
         self._owners.update((p.request_id, p.instance) for p in decision.placements)
         requests = tuple(dataclasses.replace(a, owner=self._owners[a.request_id])
                          for a in self._pending)
-        migrations = decision.migrations + tuple(self._migrations)
+        # A request moved by hand this step is not moved by the gManager too: the owner would
+        # have nothing left to send for the second move.
+        by_hand = {m.request_id for m in self._migrations}
+        migrations = (tuple(m for m in decision.migrations if m.request_id not in by_hand)
+                      + tuple(self._migrations))
         self._migrations = []
         return StepPlan(requests, tuple(self._aborts), tuple(self._notices), decision.leases,
                         migrations, self._has_spare(heartbeats, decision.leases), senior)
