@@ -150,7 +150,7 @@ class Sampler:
 
     def __call__(
         self,
-        logits: Tensor,  # [B, V] any float dtype (rows that sample or want logprobs: float32)
+        logits: Tensor,  # [B, V] any float dtype; rows that sample or want logprobs go to float32
         params: Sequence[SamplingParams],  # [B]
         generators: Sequence[torch.Generator | None],  # [B]; None: the default torch RNG
     ) -> SampleResult:
@@ -158,7 +158,7 @@ class Sampler:
 
     def pick(
         self,
-        logits: Tensor,  # [B, V] any float dtype (rows that sample or want logprobs: float32)
+        logits: Tensor,  # [B, V] any float dtype; rows that sample or want logprobs go to float32
         params: Sequence[SamplingParams],  # [B]
         generators: Sequence[torch.Generator | None],  # [B]; None: the default torch RNG
     ) -> Tensor:  # [B] token ids, on the logits' device
@@ -180,7 +180,7 @@ class Sampler:
 
     def result(
         self,
-        logits: Tensor,  # [B, V] any float dtype (rows that sample or want logprobs: float32)
+        logits: Tensor,  # [B, V] any float dtype; rows that sample or want logprobs go to float32
         token_ids: list[int],  # [B] what `pick` chose
         params: Sequence[SamplingParams],  # [B]
     ) -> SampleResult:

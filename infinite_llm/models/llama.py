@@ -219,6 +219,7 @@ class LlamaForCausalLM(nn.Module):
         """hidden [N, hidden] -> logits [N, vocab] in the model's dtype (only the rows being
         sampled). Not cast to float32 here: the cast changes no order, so greedy rows take the
         argmax as it is, and the sampler casts only the rows that sample or want logprobs (at
-        batch 256 the cast and a float32 argmax were 0.1 ms of a 20 ms step on an H100)."""
+        batch 256 the cast and the float32 argmax took 0.17 ms of a 20 ms step on an H100:
+        decode_e2e_h100.txt run 17)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(hidden, weight)
