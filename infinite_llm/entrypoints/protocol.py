@@ -79,6 +79,9 @@ class _SamplingRequest(BaseModel):
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises `SamplingParamsError` (a 400) for a bad value, `APIError` for an unsupported
         one."""
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true",
+                              "stream_options")
         if self.n not in (None, 1):
             raise bad_request(f"n must be 1 (only one choice per request), got {self.n}", "n")
         for name in ("presence_penalty", "frequency_penalty"):
