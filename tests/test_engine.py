@@ -186,6 +186,20 @@ def test_bad_input_raises_typed_errors_and_leaks_nothing(llama_path: Path, tmp_p
     assert len(out.token_ids) == 12 and out.finish_reason == "length" and _all_free(llm)
 
 
+def test_sampling_params_of_the_wrong_type_are_named_at_the_call(llama_path: Path) -> None:
+    """A dict (vLLM's users try it) was an AttributeError from deep inside the engine."""
+    llm = LLM(str(llama_path), num_kv_blocks=8, block_size=4)
+    hi = [{"role": "user", "content": "hi"}]
+    for bad in ({"max_tokens": 5}, [{"max_tokens": 5}], [GREEDY, "greedy"], 0.5):
+        for prompts in ([1, 2], [[1, 2], [3, 4]]):
+            with pytest.raises(SamplingParamsError,
+                               match="sampling_params must be a SamplingParams"):
+                llm.generate(prompts, bad, use_tqdm=False)
+        with pytest.raises(SamplingParamsError, match="sampling_params must be a SamplingParams"):
+            llm.chat([hi, hi], bad, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests() and _all_free(llm)
+
+
 def test_dummy_weights_engine_runs_from_config_json_alone(llama_path: Path, tmp_path) -> None:
     (tmp_path / "config.json").write_text((llama_path / "config.json").read_text())
     llm = LLM(str(tmp_path), load_format="dummy", num_kv_blocks=16, block_size=4)

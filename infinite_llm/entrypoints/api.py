@@ -17,7 +17,7 @@ from tqdm import tqdm
 from infinite_llm.engine.engine import LLMEngine, RequestError, engine_config
 from infinite_llm.engine.output import RequestOutput
 from infinite_llm.kvcache.rmanager import KVStats
-from infinite_llm.sampling import SamplingParams
+from infinite_llm.sampling import SamplingParams, SamplingParamsError
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]
@@ -40,6 +40,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt (a string or a list of token ids); outputs in prompt order.
+        `sampling_params`: one SamplingParams for all prompts, or a list of them, one per prompt.
 
         All prompts are validated before any is queued, so a bad one leaves nothing behind.
         """
@@ -70,8 +71,9 @@ class LLM:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model has no chat template; use generate()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        params = _per_prompt(sampling_params, len(conversations))
         prompts = [self.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, params, use_tqdm)
 
     def apply_chat_template(self, messages: Sequence[Message]) -> list[int]:
         """The conversation's prompt tokens; a RequestError when the template rejects the
@@ -119,7 +121,17 @@ def _per_prompt(
 ) -> list[SamplingParams]:
     if params is None or isinstance(params, SamplingParams):
         return [params or SamplingParams()] * n
+    if not isinstance(params, Sequence) or isinstance(params, str):
+        raise SamplingParamsError(_wrong_params(f"a {type(params).__name__}"))
     params = list(params)
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise SamplingParamsError(_wrong_params(f"a {type(p).__name__} at index {i}"))
     if len(params) != n:
         raise ValueError(f"got {len(params)} sampling params for {n} prompts")
     return params
+
+
+def _wrong_params(got: str) -> str:
+    return (f"sampling_params must be a SamplingParams or a list of them (one per prompt), got "
+            f"{got}; e.g. SamplingParams(max_tokens=5), not a dict")
