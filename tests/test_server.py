@@ -236,7 +236,8 @@ BAD_REQUESTS = [  # (endpoint, body, the param the error names)
     ("completions", {"prompt": "hi", "presence_penalty": 1.0}, "presence_penalty"),
     ("completions", {"prompt": [1, 2, 10**6]}, "prompt"),
     ("completions", {"prompt": ""}, "prompt"),
-    ("completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("completions", {"prompt": []}, "prompt"),
+    ("completions", {"prompt": [[1, 2], [3, 10**6]]}, "prompt"),
     ("completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
      "stream_options"),
     ("completions", {"prompt": "hi", "stream": False, "stream_options": {}}, "stream_options"),
@@ -348,6 +349,70 @@ def test_full_waiting_queue_gets_503_with_retry_after(default_server) -> None:
     response = _post(f"{default_server}/v1/completions", headers=AUTH,
                      json={"prompt": "Hi", "max_tokens": 2, **GREEDY})
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
+
+
+# ---- several prompts in one request ----------------------------------------------------------
+
+
+def _sse_chunks(client: httpx.Client, body: dict) -> list[dict]:
+    """The chunks of one stream; it must end with exactly one `data: [DONE]`."""
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and events.count("data: [DONE]") == 1
+    return [json.loads(event[6:]) for event in events[:-1]]
+
+
+def test_several_prompts_get_one_choice_each_in_order(tiny_server) -> None:
+    """As from OpenAI and vLLM: choice i answers prompt i, exactly as if sent alone; usage is
+    the sum; a stream's chunks carry their prompt's index."""
+    for prompts in ([[i * 7 + 100 for i in range(n)] for n in (5, 12, 3)],
+                    ["Hello there", "The sea is", "a"]):
+        body = {"max_tokens": 6, "logprobs": 1, **GREEDY}
+        with httpx.Client(base_url=tiny_server, timeout=TIMEOUT_S) as client:
+            alone = [client.post("/v1/completions", json={**body, "prompt": p}).json()
+                     for p in prompts]
+            whole = client.post("/v1/completions", json={**body, "prompt": prompts}).json()
+            chunks = _sse_chunks(client, {**body, "prompt": prompts,
+                                          "stream_options": {"include_usage": True}})
+        assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+        assert [c["text"] for c in whole["choices"]] == [a["choices"][0]["text"] for a in alone]
+        for choice, a in zip(whole["choices"], alone):  # batched: equal up to float error
+            got, expected = choice["logprobs"], a["choices"][0]["logprobs"]
+            assert got["tokens"] == expected["tokens"]
+            assert got["text_offset"] == expected["text_offset"]
+            assert got["token_logprobs"] == pytest.approx(expected["token_logprobs"], abs=1e-3)
+        assert whole["usage"] == {key: sum(a["usage"][key] for a in alone)
+                                  for key in whole["usage"]}
+        texts, finished = ["", "", ""], [[], [], []]
+        for chunk in chunks[:-1]:
+            for choice in chunk["choices"]:
+                texts[choice["index"]] += choice["text"]
+                finished[choice["index"]].append(choice["finish_reason"])
+        assert texts == [c["text"] for c in whole["choices"]]
+        assert [[r for r in f if r] for f in finished] == [["length"]] * 3
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_one_refused_prompt_of_several_leaves_nothing_behind(tiny_server) -> None:
+    """The first prompt is accepted before the second is refused: it is aborted, not left to
+    generate for nobody."""
+    aborted = _metric(tiny_server, 'infinite_llm_request_finished_total{finish_reason="abort"}')
+    body = {"prompt": [[5, 6, 7], [1, 2, 10**6]], "max_tokens": 60, **GREEDY}
+    error = _assert_openai_error(_post(f"{tiny_server}/v1/completions", json=body), 400)
+    assert error["param"] == "prompt" and "token ids" in error["message"]
+    _wait_all_blocks_free(tiny_server, aborted + 1)
+
+
+@pytest.mark.slow
+def test_several_prompts_past_the_waiting_limit_get_503_and_leave_nothing(default_server) -> None:
+    """Each prompt waits as one request: with --max-waiting 1 the second is refused, so the
+    first, already accepted, is aborted."""
+    aborted = _metric(default_server, 'infinite_llm_request_finished_total{finish_reason="abort"}')
+    body = {"prompt": ["Once upon a time", "Hi"], "max_tokens": 1000, **GREEDY}
+    response = _post(f"{default_server}/v1/completions", json=body, headers=AUTH)
+    assert _assert_openai_error(response, 503)["code"] == "queue_full"
+    _wait_all_blocks_free(default_server, aborted + 1)
 
 
 # ---- clients that leave -----------------------------------------------------------------------

@@ -103,8 +103,8 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    """POST /v1/completions. `prompt` is text or token ids; a list of several prompts is
-    refused (one choice per request)."""
+    """POST /v1/completions. `prompt` is text or token ids, or a list of several prompts (one
+    choice each, in order)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
@@ -113,15 +113,12 @@ class CompletionRequest(_SamplingRequest):
     best_of: int | None = None
     suffix: str | None = None
 
-    def single_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts in order: one text or token-id list, or a list of several."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise bad_request(
-                    f"only one prompt per request is supported, got {len(prompt)}", "prompt"
-                )
-            return prompt[0]  # type: ignore[return-value]
-        return prompt  # type: ignore[return-value]
+        if not prompt or isinstance(prompt, str) or isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]  # empty: the engine says so
+        return list(prompt)  # type: ignore[arg-type]
 
     def sampling_params(self) -> SamplingParams:
         if self.echo:

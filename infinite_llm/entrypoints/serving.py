@@ -2,10 +2,13 @@
 
 One flow for both endpoints (validate -> add -> stream or collect); what differs is the shape of
 a chunk, of the final body and of logprobs, which `CompletionFormat` and `ChatFormat` hold.
-Streams are SSE (`data: {json}` ... `data: [DONE]`), one chunk per engine step that produced a
-token (its text may be empty while the detokenizer holds back a possible stop string), so a
-client sees every token's timing. Whoever leaves first, the client or the request, the request
-is closed in a `finally`: a client gone mid-stream aborts its request and frees its blocks.
+A completion may carry several prompts: each is one engine request (added together, so they
+batch) and one choice, `index` i for prompt i; usage is their sum. Streams are SSE
+(`data: {json}` ... `data: [DONE]`), one chunk per engine step and prompt that produced a token
+(its text may be empty while the detokenizer holds back a possible stop string), so a client
+sees every token's timing. Whoever leaves first, the client or the request, all of the HTTP
+request's engine requests are closed in a `finally`: a client gone mid-stream, or one prompt
+refused, aborts them all and frees their blocks.
 """
 
 from __future__ import annotations
@@ -92,11 +95,15 @@ class _Format:
     def opening_chunks(self) -> list[dict[str, Any]]:
         return []
 
-    def chunk(self, delta: StreamDelta) -> dict[str, Any]:
+    def chunk(self, index: int, delta: StreamDelta) -> dict[str, Any]:
         raise NotImplementedError
 
-    def final(self, out: _Collected) -> dict[str, Any]:
+    def final(self, outs: list[_Collected]) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def _final_usage(outs: list[_Collected]) -> dict[str, int]:
+    return usage(sum(o.num_prompt_tokens for o in outs), sum(len(o.token_ids) for o in outs))
 
 
 class CompletionFormat(_Format):
@@ -106,9 +113,9 @@ class CompletionFormat(_Format):
 
     def __init__(self, tokenizer: Any, model: str, logprobs: int | None) -> None:
         super().__init__(tokenizer, model, logprobs)
-        self.text_offset = 0
+        self.text_offsets: dict[int, int] = {}  # per choice: where its next token starts
 
-    def _logprobs(self, token_ids: tuple[int, ...] | list[int],
+    def _logprobs(self, index: int, token_ids: tuple[int, ...] | list[int],
                   logprobs: tuple[Logprobs, ...] | list[Logprobs]) -> dict[str, Any] | None:
         """The legacy shape: parallel lists; top_logprobs holds the top-n and the sampled
         token (so up to n + 1 entries), as OpenAI documents."""
@@ -117,8 +124,8 @@ class CompletionFormat(_Format):
         tokens = [self.token_text(t) for t in token_ids]
         offsets = []
         for text in tokens:
-            offsets.append(self.text_offset)
-            self.text_offset += len(text)
+            offsets.append(self.text_offsets.get(index, 0))
+            self.text_offsets[index] = offsets[-1] + len(text)
         return {
             "tokens": tokens,
             "token_logprobs": [lp[t] for t, lp in zip(token_ids, logprobs)],
@@ -126,18 +133,17 @@ class CompletionFormat(_Format):
             "text_offset": offsets,
         }
 
-    def chunk(self, delta: StreamDelta) -> dict[str, Any]:
-        choice = {"index": 0, "text": delta.text,
-                  "logprobs": self._logprobs(delta.token_ids, delta.logprobs),
+    def chunk(self, index: int, delta: StreamDelta) -> dict[str, Any]:
+        choice = {"index": index, "text": delta.text,
+                  "logprobs": self._logprobs(index, delta.token_ids, delta.logprobs),
                   "finish_reason": delta.finish_reason}
         return {**self.envelope(True), "choices": [choice]}
 
-    def final(self, out: _Collected) -> dict[str, Any]:
-        choice = {"index": 0, "text": out.text,
-                  "logprobs": self._logprobs(out.token_ids, out.logprobs),
-                  "finish_reason": out.finish_reason}
-        return {**self.envelope(False), "choices": [choice],
-                "usage": usage(out.num_prompt_tokens, len(out.token_ids))}
+    def final(self, outs: list[_Collected]) -> dict[str, Any]:
+        choices = [{"index": i, "text": out.text,
+                    "logprobs": self._logprobs(i, out.token_ids, out.logprobs),
+                    "finish_reason": out.finish_reason} for i, out in enumerate(outs)]
+        return {**self.envelope(False), "choices": choices, "usage": _final_usage(outs)}
 
 
 class ChatFormat(_Format):
@@ -166,18 +172,17 @@ class ChatFormat(_Format):
                   "finish_reason": None}
         return [{**self.envelope(True), "choices": [choice]}]
 
-    def chunk(self, delta: StreamDelta) -> dict[str, Any]:
-        choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
+    def chunk(self, index: int, delta: StreamDelta) -> dict[str, Any]:
+        choice = {"index": index, "delta": {"content": delta.text} if delta.text else {},
                   "logprobs": self._logprobs(delta.token_ids, delta.logprobs),
                   "finish_reason": delta.finish_reason}
         return {**self.envelope(True), "choices": [choice]}
 
-    def final(self, out: _Collected) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                  "logprobs": self._logprobs(out.token_ids, out.logprobs),
-                  "finish_reason": out.finish_reason}
-        return {**self.envelope(False), "choices": [choice],
-                "usage": usage(out.num_prompt_tokens, len(out.token_ids))}
+    def final(self, outs: list[_Collected]) -> dict[str, Any]:
+        choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
+                    "logprobs": self._logprobs(out.token_ids, out.logprobs),
+                    "finish_reason": out.finish_reason} for i, out in enumerate(outs)]
+        return {**self.envelope(False), "choices": choices, "usage": _final_usage(outs)}
 
 
 class OpenAIServing:
@@ -190,14 +195,16 @@ class OpenAIServing:
     async def completion(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         params = _sampling_params(body.sampling_params)
+        prompts = body.prompts()
         fmt = CompletionFormat(self.tokenizer, self.model_name, params.logprobs)
-        return await self._generate(fmt, body.single_prompt(), params, body, request)
+        return await self._generate(fmt, prompts, params, body, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         params = _sampling_params(body.sampling_params)
+        prompt = self._chat_prompt(body)
         fmt = ChatFormat(self.tokenizer, self.model_name, params.logprobs)
-        return await self._generate(fmt, self._chat_prompt(body), params, body, request)
+        return await self._generate(fmt, [prompt], params, body, request)
 
     def _check_model(self, model: str | None) -> None:
         """404, as OpenAI and vLLM answer: the official client raises NotFoundError for it."""
@@ -220,31 +227,48 @@ class OpenAIServing:
     async def _generate(
         self,
         fmt: _Format,
-        prompt: str | list[int],
+        prompts: list[str | list[int]],
         params: SamplingParams,
         body: CompletionRequest | ChatCompletionRequest,
         request: Request,
     ) -> Response:
-        stream = await self._add(fmt, prompt, params)
-        if body.stream:  # `background` closes a stream whose generator never started
-            return StreamingResponse(self._sse(fmt, stream, body.include_usage),
+        streams = await self._add_all(fmt, prompts, params)
+        if body.stream:  # `background` closes streams whose generator never started
+            return StreamingResponse(self._sse(fmt, streams, body.include_usage),
                                      media_type="text/event-stream",
-                                     background=BackgroundTask(stream.close))
-        out = _Collected()
+                                     background=BackgroundTask(_close, streams))
+        outs = [_Collected() for _ in streams]
         try:
-            gathered = await _unless_disconnected(request, _collect(stream, out))
+            gathered = await _unless_disconnected(request, _collect(streams, outs))
         except EngineDeadError as e:
             raise APIError(503, str(e), code="engine_dead") from e
         finally:
-            stream.close()
+            _close(streams)
         if not gathered:
             return Response(status_code=499)  # nobody is there to read it
-        return JSONResponse(fmt.final(out))
+        return JSONResponse(fmt.final(outs))
 
-    async def _add(self, fmt: _Format, prompt: str | list[int],
+    async def _add_all(self, fmt: _Format, prompts: list[str | list[int]],
+                       params: SamplingParams) -> list[RequestStream]:
+        """Add every prompt at once, so they batch; if any is refused (or we are cancelled),
+        the others are aborted and the first refusal, in prompt order, is raised."""
+        adds = [asyncio.ensure_future(self._add(fmt, f"{fmt.id}-{i}", prompt, params))
+                for i, prompt in enumerate(prompts)]
+        try:
+            await asyncio.wait(adds)
+        except BaseException:
+            _abort_adds(adds)
+            raise
+        errors = [e for e in (add.exception() for add in adds) if e is not None]
+        if errors:
+            _abort_adds(adds)
+            raise errors[0]
+        return [add.result() for add in adds]
+
+    async def _add(self, fmt: _Format, request_id: str, prompt: str | list[int],
                    params: SamplingParams) -> RequestStream:
         try:
-            return await self.engine.add_request(fmt.id, prompt, params)
+            return await self.engine.add_request(request_id, prompt, params)
         except (RequestError, SamplingParamsError) as e:
             param = fmt.prompt_param if isinstance(e, RequestError) else None
             raise bad_request(str(e), param) from e
@@ -254,24 +278,24 @@ class OpenAIServing:
         except EngineDeadError as e:
             raise APIError(503, str(e), code="engine_dead") from e
 
-    async def _sse(self, fmt: _Format, stream: RequestStream,
+    async def _sse(self, fmt: _Format, streams: list[RequestStream],
                    include_usage: bool) -> AsyncIterator[str]:
-        num_prompt, num_output = 0, 0
+        num_prompt, num_output = [0] * len(streams), 0
         try:
             for chunk in fmt.opening_chunks():
                 yield _event(chunk, include_usage)
-            async for delta in stream:
-                num_prompt = delta.num_prompt_tokens or num_prompt
+            async for i, delta in _merged(streams):
+                num_prompt[i] = delta.num_prompt_tokens or num_prompt[i]
                 num_output += len(delta.token_ids)
                 if delta.token_ids or delta.text or delta.finish_reason:
-                    yield _event(fmt.chunk(delta), include_usage)
+                    yield _event(fmt.chunk(i, delta), include_usage)
             if include_usage:
                 yield _event({**fmt.envelope(True), "choices": [],
-                              "usage": usage(num_prompt, num_output)}, False)
+                              "usage": usage(sum(num_prompt), num_output)}, False)
         except EngineDeadError as e:
             yield _event(APIError(503, str(e), code="engine_dead").body(), False)
         finally:
-            stream.close()  # a client gone mid-stream lands here (cancelled): abort
+            _close(streams)  # a client gone mid-stream lands here (cancelled): abort
         yield "data: [DONE]\n\n"
 
 
@@ -289,9 +313,48 @@ def _event(chunk: dict[str, Any], include_usage: bool) -> str:
     return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
 
-async def _collect(stream: RequestStream, out: _Collected) -> None:
-    async for delta in stream:
-        out.add(delta)
+def _close(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        stream.close()
+
+
+def _abort_adds(adds: list[asyncio.Future[RequestStream]]) -> None:
+    """Close the streams of the accepted adds; cancel those still waiting (a cancelled add
+    aborts its own request)."""
+    for add in adds:
+        if not add.done():
+            add.cancel()
+        elif not add.cancelled() and add.exception() is None:
+            add.result().close()
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, StreamDelta]]:
+    """(prompt index, delta) from all of one HTTP request's streams, as each arrives."""
+    if len(streams) == 1:  # the common case needs no task per delta
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    iterators = [aiter(stream) for stream in streams]
+    pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iterators)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                i = pending.pop(task)
+                try:
+                    delta = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(iterators[i]))] = i
+                yield i, delta
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+async def _collect(streams: list[RequestStream], outs: list[_Collected]) -> None:
+    async for i, delta in _merged(streams):
+        outs[i].add(delta)
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> bool:
