@@ -14,7 +14,15 @@ decode) on one thread and picks one thread or the default count for larger steps
 so that no ratio is read as coming from that policy alone, HF is also measured on one thread at
 each batch size.
 
+The last line bounds what any float32 engine could do on this CPU: each generated token needs
+2 FLOP per weight of the linears, and a large square matmul timed in the same run gives the CPU's
+float32 rate, so tokens/s can't exceed rate / (2 x weights), whatever the kernels or schedule.
+
+`--linears` instead times the model's linears alone, F.linear (MKL) against oneDNN's packed
+weights (`llama.linear`'s CPU path for `PACKED_ROWS` rows), at several row counts.
+
     python benchmarks/throughput.py [--batch 32] [--new-tokens 64] [--device cpu] [--repeats 3]
+    python benchmarks/throughput.py --linears
 """
 
 from __future__ import annotations
@@ -25,13 +33,16 @@ import platform
 import statistics
 import time
 from collections import Counter
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from infinite_llm import LLM, SamplingParams
 from infinite_llm.engine.threads import StepThreads
-from infinite_llm.models.loader import resolve_model
+from infinite_llm.models.llama import Linear, LlamaForCausalLM, pack_weight
+from infinite_llm.models.loader import load_model, resolve_model
 
 TOPICS = ["the sea", "a city at night", "autumn", "a robot", "mountains", "coffee", "the moon",
           "a library", "rain", "a train journey", "friendship", "the desert", "snow", "music",
@@ -72,6 +83,60 @@ def threads_used(threads: StepThreads, steps: Counter[int], seconds: dict[int, f
     return used or "no thread choice (GPU)"
 
 
+def seconds_per_call(fn, repeats: int) -> float:
+    fn()  # warm-up (first-call allocations, oneDNN's kernel choice)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_gflops() -> float:
+    """This CPU's float32 rate on a 2048 x 2048 x 2048 matmul: MKL runs it near the cores' peak."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return 2 * 2048**3 / seconds_per_call(lambda: a @ b, 5) / 1e9
+
+
+def linear_weights(model: LlamaForCausalLM) -> list[torch.Tensor]:
+    """The weight of every matrix product in a token's forward pass (tied logits included)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
+    if model.lm_head is None:
+        weights.append(model.model.embed_tokens.weight)
+    return weights
+
+
+def products(xs: list[torch.Tensor], weights: list[torch.Tensor],
+             packed: list[torch.Tensor | None] | None) -> None:
+    """x @ w.T for each pair: by F.linear, or by oneDNN on the packed weights when given."""
+    for i, (x, w) in enumerate(zip(xs, weights)):
+        if packed is None:
+            F.linear(x, w)
+        else:
+            torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], "")
+
+
+def time_linears(threads: int) -> None:
+    """A step's linears (every layer's and the logits'), F.linear against the packed path."""
+    model = load_model(resolve_model(None), torch.float32, torch.device("cpu"))
+    weights = linear_weights(model)
+    packed = [pack_weight(w) for w in weights]
+    flops_per_row = 2 * sum(w.numel() for w in weights)
+    print(f"hardware: {hardware('cpu')}; torch {torch.__version__}; SmolLM2-135M-Instruct float32"
+          f", {len(weights)} products a step, {flops_per_row / 2e6:.1f}M weights; {load()}")
+    print(f"float32 matmul 2048^3: {matmul_gflops():.0f} GFLOP/s on {threads} threads")
+    print("threads rows  F.linear ms  GFLOP/s  packed ms  GFLOP/s  F.linear/packed")
+    for t in (1, threads) if threads > 1 else (1,):
+        torch.set_num_threads(t)
+        for rows in (1, 8, 32, 64, 128, 256, 1024):
+            xs = [torch.randn(rows, w.shape[1]) for w in weights]
+            mkl = seconds_per_call(partial(products, xs, weights, None), 3)
+            onednn = seconds_per_call(partial(products, xs, weights, packed), 3)
+            gf = flops_per_row * rows / 1e9
+            print(f"{t:7d} {rows:4d} {mkl * 1e3:12.1f} {gf / mkl:8.0f} {onednn * 1e3:10.1f} "
+                  f"{gf / onednn:8.0f} {mkl / onednn:16.2f}", flush=True)
+    torch.set_num_threads(threads)
+
+
 def listed(rates: list[float]) -> str:
     return " ".join(f"{r:.1f}" for r in rates) or "-"
 
@@ -108,7 +173,12 @@ def main() -> None:
                         help="prompts run one at a time for batch 1 (a rate: fewer suffice)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each row, alternating engines; the median is shown")
+    parser.add_argument("--linears", action="store_true",
+                        help="time the model's linears alone (F.linear vs packed) and exit")
     args = parser.parse_args()
+    if args.linears:
+        time_linears(torch.get_num_threads())
+        return
     n, device = args.new_tokens, args.device
     dtype = torch.float32
     llm = LLM(device=device, dtype="float32", max_num_seqs=args.batch)
@@ -154,6 +224,14 @@ def main() -> None:
           f"HF batch {b} (left-padded) {agree(tokens['hf', b], exact)}")
     hf_b1 = rows[0][2]
     print(f"infinite-llm batch {args.batch} vs HF batch 1: {rows[1][1] / hf_b1:5.2f}x; {load()}")
+    if device == "cpu":
+        weights = sum(w.numel() for w in linear_weights(llm.engine.instance.model))
+        rate = matmul_gflops()
+        ceiling = rate * 1e9 / (2 * weights)
+        print(f"ceiling: a generated token needs 2 x {weights / 1e6:.1f}M FLOP in the linears; at "
+              f"this CPU's float32 matmul rate ({rate:.0f} GFLOP/s, timed now on {threads} "
+              f"threads) no float32 engine exceeds {ceiling:.0f} tok/s = "
+              f"{ceiling / rows[1][2]:.2f}x HF at batch {args.batch}; {load()}")
 
 
 if __name__ == "__main__":

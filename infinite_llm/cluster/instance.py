@@ -245,6 +245,7 @@ def build_instance(config: EngineConfig, rank: int, cluster: Cluster | None) -> 
     if cluster is not None and device.type == "cpu":  # ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cluster.world_size))
     model = load_model(path, dtype, device, config.load_format)
+    model.pack_cpu_weights()
     tokenizer = load_tokenizer(path)
     mc, bs = model.config, config.block_size
     num_blocks = config.num_kv_blocks

@@ -7,15 +7,14 @@ on one (2 shared cores at load average ~4: a batch-32 step's linears took 1.9 s 
 0.2 s on one; at ~2, 0.18 s on two and 0.27 s on one). Which case holds changes while the engine
 runs, so `StepThreads` measures instead of guessing.
 
-Invariants: a one-token step always runs on one thread (its linears are matrix-vector products
-bound by reading the weights, which one core does as fast as two, and its other ops are too small
-to gain from a second thread). A step of a size class not seen yet runs first on what won for the
-nearest class measured both ways, then on the other choice once. After that, steps run on
-whichever of one thread or all threads has the lower recent seconds per token for their size
-class; the other is retried once the time
-spent since its last try reaches `explore_every` times its expected cost, so trying the slower
-choice costs at most about 1 / explore_every of the time. The thread count is restored after
-every step.
+Invariants: a step of a size class not seen yet runs first on what won for the nearest class
+measured both ways, then on the other choice once. After that, steps run on whichever of one
+thread or all threads has the lower recent seconds per token for their size class; the other is
+retried once the time spent since its last try reaches `explore_every` times its expected cost,
+so trying the slower choice costs at most about 1 / explore_every of the time. One-token steps
+are measured like the rest: with oneDNN's packed weights (`llama.linear`) their products run
+faster on two idle cores than on one (`benchmarks/throughput.py --linears`). The thread count is
+restored after every step.
 """
 
 from __future__ import annotations
@@ -62,8 +61,6 @@ class StepThreads:
 
     def _choose(self, num_tokens: int) -> tuple[int, bool]:
         """(threads, whether that is a retry of the choice measured slower)."""
-        if num_tokens == 1:
-            return 1, False
         size = num_tokens.bit_length()
         untried = [t for t in (1, self.max_threads) if (size, t) not in self._cost]
         if len(untried) == 2:  # a new size: first what won for the nearest measured size
@@ -89,8 +86,6 @@ class StepThreads:
             else self.max_threads
 
     def _record(self, num_tokens: int, threads: int, exploring: bool, seconds: float) -> None:
-        if num_tokens == 1:
-            return
         size = num_tokens.bit_length()
         per_token = seconds / num_tokens
         old = self._cost.get((size, threads))

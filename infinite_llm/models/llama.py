@@ -34,19 +34,42 @@ class AttentionFn(Protocol):
         ...
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+# Rows for which a float32 product on CPU takes oneDNN's packed weight (the kernel torch.compile's
+# CPU backend uses) instead of F.linear (MKL): decode batches. On a 2-core AVX2 CPU a step's
+# products run faster there up to 128 rows and slower beyond (`python benchmarks/throughput.py
+# --linears`; results in benchmarks/results/throughput_cpu.txt).
+PACKED_ROWS = range(1, 129)
+
+
+def pack_weight(weight: Tensor) -> Tensor | None:
+    """oneDNN's blocked copy of a float32 CPU weight [N, K] for `linear`, or None where torch
+    has no oneDNN (then F.linear runs every product)."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32
+            or not torch.backends.mkldnn.is_available()):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # blocked for 32 rows
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+           packed: Tensor | None = None) -> Tensor:
     """x @ weight.T (+ bias). One bf16/fp16 row on CUDA (decode at batch 1) goes to a Triton
-    GEMV, which reads the weights faster than cuBLAS does; everything else to F.linear."""
+    GEMV, which reads the weights faster than cuBLAS does; `PACKED_ROWS` rows on CPU to oneDNN
+    when the weight's `packed` copy is given; everything else to F.linear."""
+    if packed is not None and x.shape[0] in PACKED_ROWS:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if fused is not None and x.is_cuda and fused.gemv_fits(x, weight):
         return fused.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, so checkpoints load unchanged) through `linear`."""
+    """nn.Linear (same parameters, so checkpoints load unchanged) through `linear`. `packed` is
+    set by `LlamaForCausalLM.pack_cpu_weights`."""
+
+    packed: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 def _linear(
@@ -127,7 +150,8 @@ class LlamaMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if fused is not None and x.is_cuda:
             return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
-        if len(x) == 1:  # a matrix-vector product: one pass over the fused weight
+        if len(x) == 1 or (self.gate_up_proj.packed is not None and len(x) in PACKED_ROWS):
+            # A matrix-vector product, or oneDNN's packed product: one pass over the fused weight
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             h = F.silu(gate)  # one fresh contiguous [T, inter] buffer, then multiplied in place
         else:
@@ -210,6 +234,17 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head: Linear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, device)
+        self._tied_packed: Tensor | None = None  # the embedding packed for the logits
+
+    def pack_cpu_weights(self) -> None:
+        """Give every Linear (and tied logits) a packed copy for `linear`'s oneDNN path, after
+        the weights are loaded; a no-op off CPU or float32. The copies hold as many bytes again
+        as the linears' weights."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.packed = pack_weight(module.weight)
+        if self.lm_head is None:
+            self._tied_packed = pack_weight(self.model.embed_tokens.weight)
 
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn) -> Tensor:
         """input_ids [T] int64, positions [T] -> final-normed hidden states [T, hidden]."""
@@ -221,5 +256,6 @@ class LlamaForCausalLM(nn.Module):
         argmax as it is, and the sampler casts only the rows that sample or want logprobs (at
         batch 256 the cast and the float32 argmax took 0.17 ms of a 20 ms step on an H100:
         decode_e2e_h100.txt run 17)."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return linear(hidden, self.model.embed_tokens.weight, packed=self._tied_packed)
