@@ -292,6 +292,39 @@ def test_prompt_too_long_names_the_limit(tiny_server) -> None:
         assert "at most 64 tokens" in error["message"] and error["param"] == param
 
 
+def test_max_tokens_past_the_context_gets_400_as_from_vllm(tiny_server, tokenizer) -> None:
+    """The tiny server's context is 64 tokens. An explicit max_tokens that doesn't fit is a 400
+    (it was silently cut to the room left); without one the answer still stops at the limit."""
+    template = ("This model's maximum context length is 64 tokens. However, you requested {} "
+                "tokens ({} in the messages, {} in the completion). Please reduce the length of "
+                "the messages or completion.")
+    prompt = list(range(10, 60))  # 50 tokens: 14 left
+    chat_len = len(tokenizer.apply_chat_template(HI, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False))
+    for endpoint, body, param, num_prompt in (
+        ("completions", {"prompt": prompt, "max_tokens": 15}, "max_tokens", 50),
+        ("completions", {"prompt": [[5, 6], prompt], "max_tokens": 15}, "max_tokens", 50),
+        ("chat/completions", {"messages": HI, "max_tokens": 65 - chat_len}, "max_tokens",
+         chat_len),
+        ("chat/completions", {"messages": HI, "max_completion_tokens": 65 - chat_len},
+         "max_completion_tokens", chat_len),
+    ):
+        error = _assert_openai_error(_post(f"{tiny_server}/v1/{endpoint}", json=body), 400)
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        assert error["message"] == template.format(num_prompt + max_tokens, num_prompt,
+                                                   max_tokens)
+        assert error["param"] == param
+    for body, num_output in (({"prompt": prompt, "max_tokens": 14, **GREEDY}, 14),
+                             ({"prompt": prompt, **GREEDY}, 14)):  # the default 16 is cut
+        response = _post(f"{tiny_server}/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == num_output
+    response = _post(f"{tiny_server}/v1/chat/completions",
+                     json={"messages": HI, "max_tokens": 64 - chat_len, **GREEDY})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 64 - chat_len
+
+
 def test_prompt_with_a_lone_surrogate_gets_400(tiny_server) -> None:
     """JSON's escape "\\ud800" decodes to a str that no tokenizer takes: a 400, not a 500."""
     for body in (b'{"prompt": "\\ud800", "max_tokens": 1}',

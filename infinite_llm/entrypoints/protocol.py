@@ -76,6 +76,15 @@ class _SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """The output length the client asked for; None when it left it to the default."""
+        return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens"
+
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises `SamplingParamsError` (a 400) for a bad value, `APIError` for an unsupported
         one."""
@@ -119,6 +128,10 @@ class CompletionRequest(_SamplingRequest):
         if not prompt or isinstance(prompt, str) or isinstance(prompt[0], int):
             return [prompt]  # type: ignore[list-item]  # empty: the engine says so
         return list(prompt)  # type: ignore[arg-type]
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens if "max_tokens" in self.model_fields_set else None
 
     def sampling_params(self) -> SamplingParams:
         if self.echo:
@@ -172,9 +185,16 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise bad_request(f"{name} are not supported (no tool calling)", name)
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs to be true", "top_logprobs")
-        max_tokens = self.max_completion_tokens
-        if max_tokens is None:
-            max_tokens = self.max_tokens
         return self._sampling_params(
-            max_tokens, (self.top_logprobs or 0) if self.logprobs else None
+            self.requested_max_tokens, (self.top_logprobs or 0) if self.logprobs else None
         )
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"

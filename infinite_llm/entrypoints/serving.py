@@ -196,6 +196,8 @@ class OpenAIServing:
         self._check_model(body.model)
         params = _sampling_params(body.sampling_params)
         prompts = body.prompts()
+        for prompt in prompts:
+            self._check_room(body, prompt)
         fmt = CompletionFormat(self.tokenizer, self.model_name, params.logprobs)
         return await self._generate(fmt, prompts, params, body, request)
 
@@ -203,6 +205,7 @@ class OpenAIServing:
         self._check_model(body.model)
         params = _sampling_params(body.sampling_params)
         prompt = self._chat_prompt(body)
+        self._check_room(body, prompt)
         fmt = ChatFormat(self.tokenizer, self.model_name, params.logprobs)
         return await self._generate(fmt, [prompt], params, body, request)
 
@@ -223,6 +226,26 @@ class OpenAIServing:
         except (jinja2.TemplateError, ValueError, TypeError) as e:
             raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
         return list(ids)
+
+    def _check_room(self, body: CompletionRequest | ChatCompletionRequest,
+                    prompt: str | list[int]) -> None:
+        """vLLM's 400 for a max_tokens the context can't hold with the prompt (the engine
+        would cut it short). A prompt the engine refuses anyway (text without a tokenizer, or
+        not valid Unicode) is left to its own message."""
+        max_tokens = body.requested_max_tokens
+        if max_tokens is None:
+            return
+        if isinstance(prompt, str):
+            if self.tokenizer is None or not _is_unicode(prompt):
+                return
+            prompt = self.tokenizer.encode(prompt)  # as the engine will
+        max_len, num_prompt = self.engine.max_model_len, len(prompt)
+        if num_prompt + max_tokens > max_len:
+            raise bad_request(
+                f"This model's maximum context length is {max_len} tokens. However, you "
+                f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the messages, "
+                f"{max_tokens} in the completion). Please reduce the length of the messages "
+                "or completion.", body.max_tokens_param)
 
     async def _generate(
         self,
@@ -311,6 +334,15 @@ def _event(chunk: dict[str, Any], include_usage: bool) -> str:
     if include_usage:  # OpenAI sends `usage: null` on every chunk but the last when asked
         chunk = {**chunk, "usage": None}
     return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a str that no tokenizer takes (JSON's "\\ud800" decodes to a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _close(streams: list[RequestStream]) -> None:
