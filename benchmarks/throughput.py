@@ -8,9 +8,9 @@ which are printed too, with the load average after each row). Prints the hardwar
 ratios, and for how many of the batch-1 prompts each engine's greedy tokens equal HF's at batch 1
 (unpadded: the exact reference).
 
-Threads: HF runs on torch's default thread count. On CPU the engine runs one-token steps (batch 1
-decode) on one thread and picks one thread or the default count for larger steps by timing them
-(`infinite_llm/engine/threads.py`), and each row says how many of its steps ran on each count;
+Threads: HF runs on torch's default thread count. On CPU the engine picks one thread or the
+default count for each size of step by timing them (`infinite_llm/engine/threads.py`), and each
+row says how many of its steps ran on each count;
 so that no ratio is read as coming from that policy alone, HF is also measured on one thread at
 each batch size.
 

@@ -36,8 +36,8 @@ class AttentionFn(Protocol):
 
 # Rows for which a float32 product on CPU takes oneDNN's packed weight (the kernel torch.compile's
 # CPU backend uses) instead of F.linear (MKL): decode batches. On a 2-core AVX2 CPU a step's
-# products run faster there up to 128 rows and slower beyond (`python benchmarks/throughput.py
-# --linears`; results in benchmarks/results/throughput_cpu.txt).
+# products ran 1.01-1.82x faster there at 1-128 rows, and 0.93-0.94x at 1024
+# (`python benchmarks/throughput.py --linears`: benchmarks/results/throughput_cpu.txt, run 10).
 PACKED_ROWS = range(1, 129)
 
 
