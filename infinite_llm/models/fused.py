@@ -169,28 +169,21 @@ _GEMV_BLOCK_K = 512
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
-                 SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 STAGES: tl.constexpr):
-    """y[n] = sum_k x[k] * w[n, k] (+ b[n]), products summed in float32. With SILU_MUL, x is
-    silu(gate) * up of the row [gate | up] at x_ptr, rounded as `_silu_mul_kernel` rounds it
-    (each program recomputes it from L2: cheaper than a launch that writes it)."""
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """y[n] = sum_k x[k] * w[n, k] (+ b[n]), products summed in float32."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    dtype = y_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         x = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
-        if SILU_MUL:
-            u = tl.load(x_ptr + K + k0 + offs_k).to(tl.float32)
-            x = ((x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32) * u).to(dtype).to(tl.float32)
         w = tl.load(w_ptr + offs_n[:, None] * K + k0 + offs_k[None, :], mask=n_mask[:, None],
                     other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_n, y.to(dtype), mask=n_mask)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 def gemv_fits(x: Tensor, weight: Tensor) -> bool:
@@ -201,13 +194,12 @@ def gemv_fits(x: Tensor, weight: Tensor) -> bool:
             and x.stride(1) == 1 and weight.is_contiguous())
 
 
-def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, silu_mul: bool = False) -> Tensor:
+def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [1, K] @ weight [N, K].T (+ bias) for `gemv_fits` inputs; tiles from a sweep on an H100
-    over Llama-3-8B's matrices. With `silu_mul`, x is [1, 2K] = [gate | up] (contiguous) and the
-    product is `silu_mul(x) @ weight.T`, bit for bit, in one launch instead of two."""
+    over Llama-3-8B's matrices."""
     n, k = weight.shape
     y = x.new_empty(1, n)
     _gemv_kernel[(triton.cdiv(n, 16),)](x, weight, weight if bias is None else bias, y, n, k,
-                                        HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-                                        BLOCK_N=16, BLOCK_K=_GEMV_BLOCK_K, STAGES=4, num_warps=8)
+                                        HAS_BIAS=bias is not None, BLOCK_N=16,
+                                        BLOCK_K=_GEMV_BLOCK_K, STAGES=4, num_warps=8)
     return y

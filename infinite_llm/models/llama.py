@@ -149,10 +149,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if fused is not None and x.is_cuda:
-            gate_up, down = self.gate_up_proj(x), self.down_proj.weight
-            if fused.gemv_fits(gate_up[:, : down.shape[1]], down) and gate_up.is_contiguous():
-                return fused.gemv(gate_up, down, silu_mul=True)  # batch-1 decode: one launch
-            return self.down_proj(fused.silu_mul(gate_up))
+            return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
         if len(x) == 1 or (self.gate_up_proj.packed is not None and len(x) in PACKED_ROWS):
             # A matrix-vector product, or oneDNN's packed product: one pass over the fused weight
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
