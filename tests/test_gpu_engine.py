@@ -128,14 +128,20 @@ def test_async_scheduling_gives_the_same_outputs(tiny_llama: Path) -> None:
     assert 0 < graphs.steps_ahead_used < graphs.steps_ahead  # some were dropped
 
 
-def test_kv_split_over_two_instances_on_one_gpu(tiny_llama: Path) -> None:
-    """DistAttention's GPU path (Triton partials where the KV lives, the merge on the owner,
-    CUDA tensors exchanged over gloo, as NCCL refuses two ranks on one GPU): a request longer
-    than one instance's pool, next to short ones, gives the one-instance tokens."""
+@pytest.mark.parametrize("backend", [
+    "gloo",
+    pytest.param("nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                  reason="NCCL needs a GPU per rank")),
+])
+def test_kv_split_over_two_instances(tiny_llama: Path, backend: str) -> None:
+    """DistAttention's GPU path (Triton partials where the KV lives, the merge on the owner): a
+    request longer than one instance's pool, next to short ones, gives the one-instance tokens.
+    gloo puts both instances on one GPU (NCCL refuses two ranks on one GPU); NCCL, the default
+    on CUDA, puts them on two GPUs."""
     prompts, params = _requests(1, [900, 300, 5, 40])  # 900 + up to 40 > 48 blocks x 16
     single, _ = _generate(tiny_llama, prompts, params)
     llm = LLM(str(tiny_llama), device="cuda", dtype="float32", block_size=16, num_kv_blocks=48,
-              num_instances=2, data_backend="gloo")
+              num_instances=2, data_backend=backend)
     try:
         engine = llm.engine
         for i, (prompt, p) in enumerate(zip(prompts, params)):
