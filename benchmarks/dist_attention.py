@@ -16,9 +16,11 @@ tokens equal the first run's (the KV on fewer instances). CPU ranks talk over gl
 from __future__ import annotations
 
 import argparse
+import cProfile
 import math
 import os
 import platform
+import pstats
 import statistics
 import time
 
@@ -41,7 +43,7 @@ def decode_step_ms(instances: int, args: argparse.Namespace) -> tuple[float, int
     per_instance = math.ceil(blocks_needed / instances) + 1
     llm = LLM(args.model, num_instances=instances, num_kv_blocks=per_instance,
               block_size=args.block_size, device=args.device, max_num_batched_tokens=args.chunk,
-              load_format=args.load_format, enforce_eager=args.enforce_eager)
+              load_format=args.load_format, enforce_eager=args.enforce_eager, dtype=args.dtype)
     engine = llm.engine
     try:
         vocab = llm.engine.model_config.vocab_size
@@ -53,11 +55,19 @@ def decode_step_ms(instances: int, args: argparse.Namespace) -> tuple[float, int
             for out in engine.step():
                 tokens = out.outputs[0].token_ids
         times = []
+        profiler = cProfile.Profile() if args.profile else None
         for _ in range(steps):
             start = time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
             for out in engine.step():
                 tokens = out.outputs[0].token_ids
+            if profiler is not None:
+                profiler.disable()
             times.append((time.perf_counter() - start) * 1e3)
+        if profiler is not None:
+            print(f"  host profile, instances {instances}: {args.profile} functions by own time")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
         spread = sum(s.own + s.lent > 0 for s in llm.kv_stats())
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -78,6 +88,11 @@ def main() -> None:
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                         help="dummy: random weights from config.json alone")
     parser.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens")
+    parser.add_argument("--dtype", default="auto", help="the engine's dtype (auto: float32 on "
+                        "CPU, bfloat16 on GPU; float32 makes near-tied greedy tokens of random "
+                        "weights flip less)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="cProfile the timed steps on rank 0; print the top N functions")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs, also for local steps (exchanging steps never "
                              "replay graphs)")
@@ -85,7 +100,7 @@ def main() -> None:
     if args.device == "cpu":  # one core per rank in every run (ranks > 1 set this themselves)
         torch.set_num_threads(1)
     mc = load_model_config(resolve_model(args.model))
-    elt = 4 if args.device == "cpu" else 2  # the engine's dtype: float32 on CPU, bf16 on GPU
+    elt = 4 if args.dtype == "float32" or (args.dtype == "auto" and args.device == "cpu") else 2
     print(f"hardware: {hardware(args.device)}; torch {torch.__version__}; model "
           f"{args.model or 'SmolLM2-135M-Instruct'} ({mc.num_layers} layers, {mc.num_heads} q "
           f"heads, {mc.num_kv_heads} KV heads, head_dim {mc.head_dim}, {args.load_format} "
@@ -101,9 +116,11 @@ def main() -> None:
     for n in args.instances:
         ms, spread, tokens = decode_step_ms(n, args)
         base, first = base or ms, first or tokens
+        same = next((i for i, (a, b) in enumerate(zip(tokens, first)) if a != b), len(tokens))
         print(f"instances {n}: KV on {spread} instance(s), decode step {ms:7.2f} ms, "
               f"overhead vs local {ms / base:5.2f}x; {len(tokens)} greedy tokens "
-              f"{'equal' if tokens == first else 'DIFFER from'} the first run's", flush=True)
+              f"{'equal' if tokens == first else 'DIFFER from'} the first run's (the first "
+              f"{same} equal)", flush=True)
 
 
 if __name__ == "__main__":

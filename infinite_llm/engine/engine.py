@@ -160,6 +160,9 @@ class LLMEngine:
         if self._failure is None:
             try:
                 self.cluster.broadcast(StepPlan(shutdown=True))
+                # NCCL's teardown waits for every rank's: leave the group before waiting for
+                # the workers, which leave theirs after the broadcast (else each waits 30 s).
+                dist.destroy_process_group()
                 for p in self.workers:
                     p.wait(timeout=30)
             except Exception as e:  # already failing: make sure nothing is left running
