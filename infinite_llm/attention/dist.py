@@ -221,9 +221,10 @@ class DistAttention:
         else:
             self.ops.store_kv(k_cache, v_cache, self._slots, k[self._kv_index],
                               v[self._kv_index])
-        partials = self._exchange(layer, q, k, v) if self.exchange else []
+        # The local partial first: the GPU computes it while the exchange waits for the peers.
         local_q = q if self._local_q is None else q[self._local_q]
         out, lse = self.ops.paged_attention(local_q, k_cache, v_cache, self._local, self.scale)
+        partials = self._exchange(layer, q, k, v) if self.exchange else []
         if self._slots_of is None:
             return out
         heads, _, dim = self.shape
@@ -236,6 +237,17 @@ class DistAttention:
             outs[slot, token] = o.reshape(-1, heads, dim)
             lses[slot, token] = s.reshape(-1, heads)
         return self.ops.merge(outs, lses)[0].to(q.dtype)
+
+    def serve_remote(self, num_layers: int) -> None:
+        """A step with no tokens of this instance's own: only its part in each layer's exchange
+        (the hosted rows' new K/V stored, their partials computed and sent back), without
+        running the model over zero tokens, whose empty ops cost host time on every layer
+        while the owners wait for this instance in each all_to_all."""
+        heads, kv_heads, dim = self.shape
+        q = self.pool.k.new_empty(0, heads, dim)
+        kv = self.pool.k.new_empty(0, kv_heads, dim)
+        for layer in range(num_layers):
+            self._exchange(layer, q, kv, kv)
 
     def _exchange(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> list[Tensor]:
         """Steps 1 and 2 of the module docstring; returns, per creditor, its flat (out, lse)."""

@@ -155,6 +155,9 @@ class Instance:
                 request.num_computed_tokens += 1
         elif not self.attention.begin_step(batch.requests, batch.num_tokens):
             return []
+        elif batch.total_tokens == 0:  # only other instances' rows to serve this step
+            self.attention.serve_remote(self.model.config.num_layers)
+            return []
         else:
             ahead = None
         with self.step_threads(batch.total_tokens):
