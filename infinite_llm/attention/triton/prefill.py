@@ -58,9 +58,7 @@ def _prefill_kernel(
     PAGE: tl.constexpr,  # tokens per cache block
     PRECISION: tl.constexpr,
 ):
-    # Tiles in reverse: a causal row's last tiles see the most keys, and launched first they
-    # don't leave the grid's last wave to a few long tiles.
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    tile = tl.program_id(0)
     kvh = tl.program_id(1)
     # Binary search for the last row whose first tile is <= tile (rows without queries own no
     # tile). lo/hi start as tensors (tile * 0) because loop-carried values can't be constexprs.
