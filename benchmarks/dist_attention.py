@@ -43,7 +43,8 @@ def decode_step_ms(instances: int, args: argparse.Namespace) -> tuple[float, int
     per_instance = math.ceil(blocks_needed / instances) + 1
     llm = LLM(args.model, num_instances=instances, num_kv_blocks=per_instance,
               block_size=args.block_size, device=args.device, max_num_batched_tokens=args.chunk,
-              load_format=args.load_format, enforce_eager=args.enforce_eager, dtype=args.dtype)
+              load_format=args.load_format, enforce_eager=args.enforce_eager, dtype=args.dtype,
+              data_backend=args.data_backend)
     engine = llm.engine
     try:
         vocab = llm.engine.model_config.vocab_size
@@ -93,6 +94,8 @@ def main() -> None:
                         "weights flip less)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="cProfile the timed steps on rank 0; print the top N functions")
+    parser.add_argument("--data-backend", default="auto", choices=["auto", "nccl", "gloo"],
+                        help="gloo puts several instances on one GPU (NCCL refuses)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs, also for local steps (exchanging steps never "
                              "replay graphs)")
