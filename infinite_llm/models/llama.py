@@ -43,11 +43,14 @@ PACKED_ROWS = range(1, 129)
 
 def pack_weight(weight: Tensor) -> Tensor | None:
     """oneDNN's blocked copy of a float32 CPU weight [N, K] for `linear`, or None where torch
-    has no oneDNN (then F.linear runs every product)."""
+    has no oneDNN linear for this CPU (then F.linear runs every product)."""
     if (weight.device.type != "cpu" or weight.dtype != torch.float32
             or not torch.backends.mkldnn.is_available()):
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # blocked for 32 rows
+    try:  # a private op: builds for other CPUs (or other torch versions) may lack it
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # for 32 rows
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
