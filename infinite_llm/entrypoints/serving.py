@@ -195,17 +195,14 @@ class OpenAIServing:
     async def completion(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         params = _sampling_params(body.sampling_params)
-        prompts = body.prompts()
-        for prompt in prompts:
-            self._check_room(body, prompt)
+        prompts = [self._check_room(body, prompt) for prompt in body.prompts()]
         fmt = CompletionFormat(self.tokenizer, self.model_name, params.logprobs)
         return await self._generate(fmt, prompts, params, body, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         params = _sampling_params(body.sampling_params)
-        prompt = self._chat_prompt(body)
-        self._check_room(body, prompt)
+        prompt = self._check_room(body, self._chat_prompt(body))
         fmt = ChatFormat(self.tokenizer, self.model_name, params.logprobs)
         return await self._generate(fmt, [prompt], params, body, request)
 
@@ -228,17 +225,18 @@ class OpenAIServing:
         return list(ids)
 
     def _check_room(self, body: CompletionRequest | ChatCompletionRequest,
-                    prompt: str | list[int]) -> None:
+                    prompt: str | list[int]) -> str | list[int]:
         """vLLM's 400 for a max_tokens the context can't hold with the prompt (the engine
         would cut it short). A prompt the engine refuses anyway (text without a tokenizer, or
-        not valid Unicode) is left to its own message."""
+        not valid Unicode) is left to its own message. Returns the prompt to submit: its token
+        ids where it had to be tokenized here, so that the engine doesn't tokenize it again."""
         max_tokens = body.requested_max_tokens
         if max_tokens is None:
-            return
+            return prompt
         if isinstance(prompt, str):
             if self.tokenizer is None or not _is_unicode(prompt):
-                return
-            prompt = self.tokenizer.encode(prompt)  # as the engine will
+                return prompt
+            prompt = self.tokenizer.encode(prompt)  # as the engine would
         max_len, num_prompt = self.engine.max_model_len, len(prompt)
         if num_prompt + max_tokens > max_len:
             raise bad_request(
@@ -246,6 +244,7 @@ class OpenAIServing:
                 f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the messages, "
                 f"{max_tokens} in the completion). Please reduce the length of the messages "
                 "or completion.", body.max_tokens_param)
+        return prompt
 
     async def _generate(
         self,
