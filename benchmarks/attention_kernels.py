@@ -9,11 +9,10 @@ Prints the hardware, a table, and the ratios ours / copy and ours / SDPA.
 Decode is timed as the engine runs it (`--timing graph`, the default): inside one CUDA graph
 that calls the kernel on L copies of the KV one after another, like the layers of a decode step
 (L copies make at least 1 GB, so the L2 cache holds none of a call's KV), with the launch shape
-the engine's graphs use (`graph_decode_config`: a power-of-two split count or the one that fills
-every resident program slot, each row splitting its own keys). SDPA is timed the same way.
-The time per call is the median replay / L. With `--timing eager`, each call is timed alone by
-`triton.testing.do_bench` (L2 flushed before every call), host launch time included: that is
-what short contexts measured before.
+the engine's graphs use (`graph_decode_config`: a power-of-two split count, each row splitting its
+own keys). SDPA is timed the same way. The time per call is the median replay / L. With
+`--timing eager`, each call is timed alone by `triton.testing.do_bench` (L2 flushed before
+every call), host launch time included: that is what short contexts measured before.
 
     python benchmarks/attention_kernels.py [--contexts 1K,4K,16K,32K,128K,512K] [--batches 1,8,64]
                                  [--block-sizes 16,64] [--timing graph|eager] [--sweep]

@@ -54,41 +54,30 @@ def attention_ops(device: torch.device | str) -> AttentionOps:
 
 def graph_decode_config(q: Tensor, k_cache: Tensor, max_kv: int) -> DecodeConfig:
     """The decode launch a CUDA graph replays for `q`'s rows of up to `max_kv` keys (q: only its
-    shape counts): the split count they get now, each row dividing its own keys over the splits
-    (steps differ in lengths, not in launch shape), and the tiles for that. A count below the
-    one that fills every resident program slot is rounded down to a power of two (so few graphs
-    cover all steps, and the launch stays within one round); that one is kept as it is (e.g.
-    33 splits x 8 KV heads fill 132 SMs x 2 slots, where 32 would leave 8 slots idle)."""
+    shape counts): the split count they get now, rounded down to a power of two (so few graphs
+    cover all steps, and the launch stays within one round of resident programs), each row
+    dividing its own keys over the splits (steps differ in lengths, not in launch shape), and
+    the tiles for that."""
     from infinite_llm.attention import triton as kernels
 
     config = kernels.default_config(k_cache)
     splits = kernels.choose_splits(q.shape[0], q, k_cache, max_kv, config)
-    if splits != _full_splits(q, k_cache, config):
-        splits = 1 << (splits.bit_length() - 1)
+    splits = 1 << (splits.bit_length() - 1)
     config = kernels.long_tiles(config, k_cache, q.shape[0], max_kv // splits)
     return replace(config, splits=splits, split_per_row=True)
 
 
-def _full_splits(q: Tensor, k_cache: Tensor, config: DecodeConfig) -> int:
-    """The split count of `q`'s rows when keys are no limit: one round of resident programs."""
-    from infinite_llm.attention import triton as kernels
-
-    return kernels.choose_splits(q.shape[0], q, k_cache, 1 << 40, config)
-
-
 def graph_decode_configs(q: Tensor, k_cache: Tensor, max_kv: int) -> list[DecodeConfig]:
     """Every `graph_decode_config` that steps of `q`'s rows with up to `max_kv` keys can get:
-    the powers of two below the largest split count and that count, each with tiles of 64, and
-    the largest also with tiles of 128 where `long_tiles` gives them (fewer keys never take
-    more splits, nor tiles of 128 below the largest count)."""
+    the split counts up to the largest, each with tiles of 64, and the largest also with tiles
+    of 128 where `long_tiles` gives them (fewer keys never take more splits)."""
     from infinite_llm.attention import triton as kernels
 
     top = graph_decode_config(q, k_cache, max_kv)
     base = kernels.default_config(k_cache)
     assert top.splits is not None
     return [*(replace(base, splits=1 << i, split_per_row=True)
-              for i in range(top.splits.bit_length()) if 1 << i < top.splits),
-            replace(base, splits=top.splits, split_per_row=True),
+              for i in range(top.splits.bit_length())),
             *([top] if top.block_n != base.block_n else [])]
 
 
