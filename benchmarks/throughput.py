@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM
 
 from infinite_llm import LLM, SamplingParams
 from infinite_llm.engine.threads import StepThreads
-from infinite_llm.models.llama import Linear, LlamaForCausalLM, pack_weight
+from infinite_llm.models.llama import Linear, LlamaForCausalLM, pack_weight, packed_linear
 from infinite_llm.models.loader import load_model, resolve_model
 
 TOPICS = ["the sea", "a city at night", "autumn", "a robot", "mountains", "coffee", "the moon",
@@ -112,7 +112,7 @@ def products(xs: list[torch.Tensor], weights: list[torch.Tensor],
         if packed is None:
             F.linear(x, w)
         else:
-            torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], "")
+            packed_linear(x, packed[i])
 
 
 def time_linears(threads: int) -> None:

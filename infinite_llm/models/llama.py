@@ -53,13 +53,18 @@ def pack_weight(weight: Tensor) -> Tensor | None:
         return None
 
 
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T (+ bias) by oneDNN, from `pack_weight(weight)`, with no activation fused."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
            packed: Tensor | None = None) -> Tensor:
     """x @ weight.T (+ bias). One bf16/fp16 row on CUDA (decode at batch 1) goes to a Triton
     GEMV, which reads the weights faster than cuBLAS does; `PACKED_ROWS` rows on CPU to oneDNN
     when the weight's `packed` copy is given; everything else to F.linear."""
     if packed is not None and x.shape[0] in PACKED_ROWS:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return packed_linear(x, packed, bias)
     if fused is not None and x.is_cuda and fused.gemv_fits(x, weight):
         return fused.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
