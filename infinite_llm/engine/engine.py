@@ -188,11 +188,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this model folder has no tokenizer: pass token ids")
-            try:  # JSON may carry a lone surrogate ("\ud800"); the tokenizer raises TypeError
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise RequestError(f"the prompt is not valid Unicode text ({e.reason} at "
-                                   f"character {e.start})") from e
+            check_unicode(prompt)
             return self.tokenizer.encode(prompt)
         ids = [int(t) for t in prompt]
         if any(t < 0 or t >= self.model_config.vocab_size for t in ids):
@@ -350,6 +346,16 @@ class LLMEngine:
     def num_preemptions(self) -> int:
         """Preemptions on every instance, as of the last step."""
         return sum(self._preemptions)
+
+
+def check_unicode(text: str) -> None:
+    """RequestError for a str that no tokenizer takes: a lone surrogate (JSON's escape
+    \\ud800 decodes to one), on which the tokenizer raises a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"the prompt is not valid Unicode text ({e.reason} at character "
+                           f"{e.start})") from e
 
 
 def engine_config(model: str | None, options: dict[str, Any]) -> EngineConfig:

@@ -76,15 +76,8 @@ class LLM:
         return self.generate(prompts, params, use_tqdm)
 
     def apply_chat_template(self, messages: Sequence[Message]) -> list[int]:
-        """The conversation's prompt tokens; a RequestError when the template rejects the
-        messages (a missing role, a content that isn't text), not jinja's own error."""
-        try:
-            ids = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        except (jinja2.TemplateError, ValueError, TypeError) as e:
-            raise RequestError(f"the chat template rejected the messages: {e}") from e
-        return list(ids)
+        """The conversation's prompt tokens (`apply_chat_template` with this LLM's tokenizer)."""
+        return apply_chat_template(self.tokenizer, messages)
 
     def kv_stats(self) -> list[KVStats]:
         """Per instance: total / free / own / lent / borrowed KV blocks."""
@@ -114,6 +107,19 @@ class LLM:
                     self.engine.abort_request(request_id)
                 raise
         return [done[i] for i in ids]
+
+
+def apply_chat_template(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    """The conversation's prompt tokens, ready for the assistant's turn; a RequestError when the
+    template rejects the messages (a missing role, a content that isn't text), not jinja's own
+    error. The Python API and the server's chat endpoint both tokenize chats here."""
+    try:
+        ids = tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    except (jinja2.TemplateError, ValueError, TypeError) as e:
+        raise RequestError(f"the chat template rejected the messages: {e}") from e
+    return list(ids)
 
 
 def _per_prompt(

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import jinja2
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -33,8 +32,9 @@ from infinite_llm.engine.async_engine import (
     RequestStream,
     StreamDelta,
 )
-from infinite_llm.engine.engine import RequestError
+from infinite_llm.engine.engine import RequestError, check_unicode
 from infinite_llm.engine.output import Logprobs
+from infinite_llm.entrypoints.api import apply_chat_template
 from infinite_llm.entrypoints.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -216,26 +216,26 @@ class OpenAIServing:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model has no chat template; use /v1/completions")
         try:
-            ids = self.tokenizer.apply_chat_template(
-                [m.for_template() for m in body.messages], add_generation_prompt=True,
-                tokenize=True, return_dict=False,
-            )
-        except (jinja2.TemplateError, ValueError, TypeError) as e:
-            raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
-        return list(ids)
+            return apply_chat_template(self.tokenizer, [m.for_template() for m in body.messages])
+        except RequestError as e:
+            raise bad_request(str(e), "messages") from e
 
     def _check_room(self, body: CompletionRequest | ChatCompletionRequest,
                     prompt: str | list[int]) -> str | list[int]:
         """vLLM's 400 for a max_tokens the context can't hold with the prompt (the engine
-        would cut it short). A prompt the engine refuses anyway (text without a tokenizer, or
-        not valid Unicode) is left to its own message. Returns the prompt to submit: its token
-        ids where it had to be tokenized here, so that the engine doesn't tokenize it again."""
+        would cut it short). Text without a tokenizer is left to the engine's own message.
+        Returns the prompt to submit: its token ids where it had to be tokenized here, so that
+        the engine doesn't tokenize it again."""
         max_tokens = body.requested_max_tokens
         if max_tokens is None:
             return prompt
-        if isinstance(prompt, str):
-            if self.tokenizer is None or not _is_unicode(prompt):
+        if isinstance(prompt, str):  # a completion's (a chat's prompt is token ids already)
+            if self.tokenizer is None:
                 return prompt
+            try:
+                check_unicode(prompt)
+            except RequestError as e:  # the engine's 400, before any prompt is added
+                raise bad_request(str(e), "prompt") from e
             prompt = self.tokenizer.encode(prompt)  # as the engine would
         max_len, num_prompt = self.engine.max_model_len, len(prompt)
         if num_prompt + max_tokens > max_len:
@@ -333,15 +333,6 @@ def _event(chunk: dict[str, Any], include_usage: bool) -> str:
     if include_usage:  # OpenAI sends `usage: null` on every chunk but the last when asked
         chunk = {**chunk, "usage": None}
     return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-
-
-def _is_unicode(text: str) -> bool:
-    """False for a str that no tokenizer takes (JSON's "\\ud800" decodes to a lone surrogate)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _close(streams: list[RequestStream]) -> None:
