@@ -27,6 +27,7 @@ import time
 import torch
 
 from infinite_llm import LLM, SamplingParams
+from infinite_llm.config import EngineConfig
 from infinite_llm.models.loader import load_model_config, resolve_model
 
 
@@ -103,7 +104,7 @@ def main() -> None:
     if args.device == "cpu":  # one core per rank in every run (ranks > 1 set this themselves)
         torch.set_num_threads(1)
     mc = load_model_config(resolve_model(args.model))
-    elt = 4 if args.dtype == "float32" or (args.dtype == "auto" and args.device == "cpu") else 2
+    elt = EngineConfig(device=args.device, dtype=args.dtype).torch_dtype.itemsize  # the KV's
     print(f"hardware: {hardware(args.device)}; torch {torch.__version__}; model "
           f"{args.model or 'SmolLM2-135M-Instruct'} ({mc.num_layers} layers, {mc.num_heads} q "
           f"heads, {mc.num_kv_heads} KV heads, head_dim {mc.head_dim}, {args.load_format} "
