@@ -35,6 +35,7 @@ from triton.testing import do_bench
 from infinite_llm.attention import graph_decode_config, graph_decode_ops
 from infinite_llm.attention import triton as kernels
 from infinite_llm.attention.reference import PagedBatch
+from infinite_llm.attention.triton.common import pdl_args
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -52,8 +53,10 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def hardware() -> str:
     props = torch.cuda.get_device_properties(0)
+    pdl = "on" if pdl_args(torch.device("cuda", 0))["PDL"] else "off"
     return (f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} "
-            f"GiB; torch {torch.__version__}, triton {triton.__version__}")
+            f"GiB; torch {torch.__version__}, triton {triton.__version__}; programmatic "
+            f"dependent launch {pdl}")
 
 
 def bench_ms(fn, rep: int = 200) -> float:

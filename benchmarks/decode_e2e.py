@@ -83,9 +83,13 @@ def hardware(device: torch.device) -> str:
         return f"{platform.machine()}, {os.cpu_count()} CPU cores; {versions}"
     import triton
 
+    from infinite_llm.attention.triton.common import pdl_args
+
     props = torch.cuda.get_device_properties(device)
+    pdl = "on" if pdl_args(device)["PDL"] else "off (INFINITE_LLM_PDL=0 or before Hopper)"
     return (f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} "
-            f"GiB; {os.cpu_count()} CPU cores; {versions}, triton {triton.__version__}")
+            f"GiB; {os.cpu_count()} CPU cores; {versions}, triton {triton.__version__}; "
+            f"programmatic dependent launch {pdl}")
 
 
 def sync(device: torch.device) -> None:

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from infinite_llm.attention.triton.common import pdl_args, wait_for_inputs
+
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
@@ -35,7 +37,8 @@ def _norm_store(x, w_ptr, out_ptr, offs, mask, n_cols, eps):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -52,13 +55,15 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0),
                                          x2.shape[1], eps, BLOCK=_pow2(x2.shape[1]),
-                                         num_warps=4 if x2.shape[1] <= 4096 else 8)
+                                         num_warps=4 if x2.shape[1] <= 4096 else 8,
+                                         **pdl_args(x.device))
     return out.view(x.shape)
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_out, n_cols,
-                         eps, BLOCK: tl.constexpr):
+                         eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -78,7 +83,8 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Ten
         _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, out, x.stride(0),
                                             residual.stride(0), out.stride(0), x.shape[1], eps,
                                             BLOCK=_pow2(x.shape[1]),
-                                            num_warps=4 if x.shape[1] <= 4096 else 8)
+                                            num_warps=4 if x.shape[1] <= 4096 else 8,
+                                            **pdl_args(x.device))
     return out
 
 
@@ -103,7 +109,9 @@ def _rotate_heads(x_ptr, t, stride_t, stride_h, c, s, offs_d, d_mask,
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt,
                    stride_kh, NUM_Q: tl.constexpr, NUM_K: tl.constexpr, BLOCK_Q: tl.constexpr,
-                   BLOCK_K: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_K: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     offs_d = tl.arange(0, BLOCK_D)
@@ -129,12 +137,14 @@ def rotary_(positions: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -
     _rotary_kernel[(num_tokens,)](
         q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         NUM_Q=num_q, NUM_K=k.shape[1], BLOCK_Q=_pow2(num_q), BLOCK_K=_pow2(k.shape[1]),
-        HALF=half, BLOCK_D=_pow2(half),
+        HALF=half, BLOCK_D=_pow2(half), **pdl_args(q.device),
     )
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, inter, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, inter, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -155,7 +165,8 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     block = min(1024, _pow2(inter))
     if num_tokens:
         _silu_mul_kernel[(num_tokens, triton.cdiv(inter, block))](
-            gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block)
+            gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block,
+            **pdl_args(gate_up.device))
     return out
 
 
@@ -169,13 +180,20 @@ _GEMV_BLOCK_K = 512
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    """y[n] = sum_k x[k] * w[n, k] (+ b[n]), products summed in float32."""
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                 PDL: tl.constexpr):
+    """y[n] = sum_k x[k] * w[n, k] (+ b[n]), products summed in float32.
+
+    The first weight tile is read before `wait_for_inputs`: no kernel writes weights, so with PDL
+    that read overlaps the end of the kernel that produces x."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None], other=0.0,
+                eviction_policy="evict_first")
+    wait_for_inputs(PDL)
+    acc = w.to(tl.float32) * tl.load(x_ptr + offs_k).to(tl.float32)[None, :]
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
         x = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
         w = tl.load(w_ptr + offs_n[:, None] * K + k0 + offs_k[None, :], mask=n_mask[:, None],
                     other=0.0, eviction_policy="evict_first")
@@ -201,5 +219,6 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     y = x.new_empty(1, n)
     _gemv_kernel[(triton.cdiv(n, 16),)](x, weight, weight if bias is None else bias, y, n, k,
                                         HAS_BIAS=bias is not None, BLOCK_N=16,
-                                        BLOCK_K=_GEMV_BLOCK_K, STAGES=4, num_warps=8)
+                                        BLOCK_K=_GEMV_BLOCK_K, STAGES=4, num_warps=8,
+                                        **pdl_args(x.device))
     return y

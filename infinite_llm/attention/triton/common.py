@@ -8,11 +8,49 @@ A query row that has seen no visible key keeps `m = -inf, l = 0`: the `m_safe` s
 
 from __future__ import annotations
 
+import functools
+import os
+
+import torch
 import triton
 import triton.language as tl
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = 1.4426950408889634
+
+
+# Programmatic dependent launch (Hopper and newer): a kernel launched with it is scheduled while
+# the kernel before it in the stream (or CUDA graph) still runs its last programs, instead of
+# after it has drained, and waits in `wait_for_inputs` until that kernel's writes are visible. A
+# decode step is hundreds of short kernels, so the gap between two of them is a real part of it.
+# INFINITE_LLM_PDL=0 launches them the plain way (benchmarks compare the two).
+PDL_ENABLED = os.environ.get("INFINITE_LLM_PDL", "1") != "0"
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    return (torch.cuda.get_device_capability(index)[0] >= 9
+            and hasattr(tl.extra, "cuda") and hasattr(tl.extra.cuda, "gdc_wait"))
+
+
+def pdl_args(device: torch.device) -> dict[str, bool]:
+    """Launch arguments of a kernel that calls `wait_for_inputs(PDL)` first."""
+    if (PDL_ENABLED and device.type == "cuda"
+            and _pdl_capable(device.index if device.index is not None
+                             else torch.cuda.current_device())):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel has finished and its writes are visible, then let
+    the next kernel be scheduled. Every program of a PDL kernel calls this before it reads what
+    an earlier kernel wrote or writes what one reads; since each kernel waits for the one before,
+    the chain stays ordered even across kernels that don't touch each other's data."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def next_pow2(n: int) -> int:

@@ -28,7 +28,9 @@ from infinite_llm.attention.triton.common import (
     finish,
     load_kv_tile,
     next_pow2,
+    pdl_args,
     softmax_step,
+    wait_for_inputs,
 )
 from infinite_llm.attention.triton.merge import merge_into
 
@@ -81,7 +83,9 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     PAGE: tl.constexpr,  # tokens per cache block
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -253,7 +257,7 @@ def decode_attention(
         GROUP=group, BLOCK_H=max(16, next_pow2(group)), NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_N=config.block_n,
         PAGE=page, PRECISION=dot_precision(k_cache.element_size()),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_args(q.device),
     )
     if splits > 1:
         if key not in _PROGRAMS_PER_SM:  # the variant that splitting sizes

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from infinite_llm.attention.triton.common import next_pow2
+from infinite_llm.attention.triton.common import next_pow2, pdl_args, wait_for_inputs
 
 
 @triton.jit
@@ -76,7 +76,9 @@ def _merge_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     merge_splits(o_ptr, l_ptr, out_ptr, lse_ptr, tl.program_id(0), num_partials, rows,
                  1, 1, HEAD_DIM, BLOCK_D, BLOCK_S)
 
@@ -95,7 +97,7 @@ def merge_into(
     _merge_kernel[(num_tokens * num_heads,)](
         outs.contiguous(), lses.float().contiguous(), out, lse, num_partials,
         num_tokens * num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_S=min(next_pow2(num_partials), max(1, 2048 // block_d)),
+        BLOCK_S=min(next_pow2(num_partials), max(1, 2048 // block_d)), **pdl_args(out.device),
     )
 
 
