@@ -17,7 +17,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from infinite_llm.attention.triton.common import pdl_args, wait_for_inputs
+from infinite_llm.attention.triton.common import (
+    pdl_args,
+    release_dependents,
+    wait_for_inputs,
+)
 
 
 def _pow2(n: int) -> int:
@@ -38,7 +42,7 @@ def _norm_store(x, w_ptr, out_ptr, offs, mask, n_cols, eps):
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps,
                      BLOCK: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+    release_dependents(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -63,7 +67,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_out, n_cols,
                          eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+    release_dependents(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -111,7 +115,7 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh
                    stride_kh, NUM_Q: tl.constexpr, NUM_K: tl.constexpr, BLOCK_Q: tl.constexpr,
                    BLOCK_K: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
                    PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+    release_dependents(PDL)
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     offs_d = tl.arange(0, BLOCK_D)
@@ -144,7 +148,7 @@ def rotary_(positions: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -
 @triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, inter, BLOCK: tl.constexpr,
                      PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+    release_dependents(PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -220,5 +224,5 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     _gemv_kernel[(triton.cdiv(n, 16),)](x, weight, weight if bias is None else bias, y, n, k,
                                         HAS_BIAS=bias is not None, BLOCK_N=16,
                                         BLOCK_K=_GEMV_BLOCK_K, STAGES=4, num_warps=8,
-                                        **pdl_args(x.device))
+                                        **pdl_args(x.device, launch=True))
     return y

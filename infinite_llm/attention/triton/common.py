@@ -19,11 +19,14 @@ LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = 1.4426950408889634
 
 
-# Programmatic dependent launch (Hopper and newer): a kernel launched with it is scheduled while
-# the kernel before it in the stream (or CUDA graph) still runs its last programs, instead of
-# after it has drained, and waits in `wait_for_inputs` until that kernel's writes are visible. A
-# decode step is hundreds of short kernels, so the gap between two of them is a real part of it.
-# INFINITE_LLM_PDL=0 launches them the plain way (benchmarks compare the two).
+# Programmatic dependent launch (Hopper and newer). The decode step's small kernels release the
+# kernel after them as soon as they start (`release_dependents`); a kernel launched with PDL is
+# then scheduled while the one before it still runs, and waits in `wait_for_inputs` until that
+# kernel has finished and its writes are visible. Only the one-row GEMV is launched so: it reads
+# its first weight tile before it waits, so the weight stream starts under the kernel before.
+# (All the step's kernels launched with PDL measured slower on an H100 in short attention chains:
+# decode -> merge -> decode at 1K-32K x 1, up to 0.67x; benchmarks/results/kernels_h100.txt.)
+# INFINITE_LLM_PDL=0 launches everything the plain way (benchmarks compare the two).
 PDL_ENABLED = os.environ.get("INFINITE_LLM_PDL", "1") != "0"
 
 
@@ -33,21 +36,28 @@ def _pdl_capable(index: int) -> bool:
             and hasattr(tl.extra, "cuda") and hasattr(tl.extra.cuda, "gdc_wait"))
 
 
-def pdl_args(device: torch.device) -> dict[str, bool]:
-    """Launch arguments of a kernel that calls `wait_for_inputs(PDL)` first."""
-    if (PDL_ENABLED and device.type == "cuda"
-            and _pdl_capable(device.index if device.index is not None
-                             else torch.cuda.current_device())):
-        return {"PDL": True, "launch_pdl": True}
-    return {"PDL": False}
+def pdl_args(device: torch.device, launch: bool = False) -> dict[str, bool]:
+    """Launch arguments of a kernel with a `PDL` constexpr: True where the GPU has PDL; with
+    `launch`, the kernel (which then calls `wait_for_inputs(PDL)` first) is launched with it."""
+    on = (PDL_ENABLED and device.type == "cuda"
+          and _pdl_capable(device.index if device.index is not None
+                           else torch.cuda.current_device()))
+    return {"PDL": True, "launch_pdl": True} if on and launch else {"PDL": on}
+
+
+@triton.jit
+def release_dependents(PDL: tl.constexpr):
+    """Let a PDL-launched kernel after this one be scheduled now (it still waits for this one's
+    writes in `wait_for_inputs`); a plain launch after this one is unaffected."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
-    """With PDL: wait until the previous kernel has finished and its writes are visible, then let
-    the next kernel be scheduled. Every program of a PDL kernel calls this before it reads what
-    an earlier kernel wrote or writes what one reads; since each kernel waits for the one before,
-    the chain stays ordered even across kernels that don't touch each other's data."""
+    """With a PDL launch: wait until the kernel before has finished and its writes are visible,
+    then release the next. Every program calls this before it reads what an earlier kernel wrote
+    or writes what one reads, so the chain stays ordered."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -29,8 +29,8 @@ from infinite_llm.attention.triton.common import (
     load_kv_tile,
     next_pow2,
     pdl_args,
+    release_dependents,
     softmax_step,
-    wait_for_inputs,
 )
 from infinite_llm.attention.triton.merge import merge_into
 
@@ -85,7 +85,7 @@ def _decode_kernel(
     PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_inputs(PDL)
+    release_dependents(PDL)
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from infinite_llm.attention.triton.common import next_pow2, pdl_args, wait_for_inputs
+from infinite_llm.attention.triton.common import next_pow2, pdl_args, release_dependents
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def _merge_kernel(
     BLOCK_S: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_inputs(PDL)
+    release_dependents(PDL)
     merge_splits(o_ptr, l_ptr, out_ptr, lse_ptr, tl.program_id(0), num_partials, rows,
                  1, 1, HEAD_DIM, BLOCK_D, BLOCK_S)
 

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from infinite_llm.attention.triton.common import next_pow2, pdl_args, wait_for_inputs
+from infinite_llm.attention.triton.common import next_pow2, pdl_args, release_dependents
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def _store_kv_kernel(
     PAGE: tl.constexpr,  # tokens per cache block
     PDL: tl.constexpr,
 ):
-    wait_for_inputs(PDL)
+    release_dependents(PDL)
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     page = slot // PAGE
