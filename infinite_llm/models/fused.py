@@ -17,11 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from infinite_llm.attention.triton.common import (
-    pdl_args,
-    release_dependents,
-    wait_for_inputs,
-)
+from infinite_llm.attention.triton.common import pdl_args, wait_for_inputs
 
 
 def _pow2(n: int) -> int:
@@ -42,7 +38,7 @@ def _norm_store(x, w_ptr, out_ptr, offs, mask, n_cols, eps):
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps,
                      BLOCK: tl.constexpr, PDL: tl.constexpr):
-    release_dependents(PDL)
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -60,14 +56,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0),
                                          x2.shape[1], eps, BLOCK=_pow2(x2.shape[1]),
                                          num_warps=4 if x2.shape[1] <= 4096 else 8,
-                                         **pdl_args(x.device))
+                                         **pdl_args(x.device, launch=True))
     return out.view(x.shape)
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_out, n_cols,
                          eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    release_dependents(PDL)
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -88,7 +84,7 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Ten
                                             residual.stride(0), out.stride(0), x.shape[1], eps,
                                             BLOCK=_pow2(x.shape[1]),
                                             num_warps=4 if x.shape[1] <= 4096 else 8,
-                                            **pdl_args(x.device))
+                                            **pdl_args(x.device, launch=True))
     return out
 
 
@@ -115,7 +111,7 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh
                    stride_kh, NUM_Q: tl.constexpr, NUM_K: tl.constexpr, BLOCK_Q: tl.constexpr,
                    BLOCK_K: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
                    PDL: tl.constexpr):
-    release_dependents(PDL)
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     offs_d = tl.arange(0, BLOCK_D)
@@ -141,14 +137,14 @@ def rotary_(positions: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -
     _rotary_kernel[(num_tokens,)](
         q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         NUM_Q=num_q, NUM_K=k.shape[1], BLOCK_Q=_pow2(num_q), BLOCK_K=_pow2(k.shape[1]),
-        HALF=half, BLOCK_D=_pow2(half), **pdl_args(q.device),
+        HALF=half, BLOCK_D=_pow2(half), **pdl_args(q.device, launch=True),
     )
 
 
 @triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, inter, BLOCK: tl.constexpr,
                      PDL: tl.constexpr):
-    release_dependents(PDL)
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -170,7 +166,7 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     if num_tokens:
         _silu_mul_kernel[(num_tokens, triton.cdiv(inter, block))](
             gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block,
-            **pdl_args(gate_up.device))
+            **pdl_args(gate_up.device, launch=True))
     return out
 
 

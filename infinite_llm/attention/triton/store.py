@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from infinite_llm.attention.triton.common import next_pow2, pdl_args, release_dependents
+from infinite_llm.attention.triton.common import next_pow2, pdl_args, wait_for_inputs
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def _store_kv_kernel(
     PAGE: tl.constexpr,  # tokens per cache block
     PDL: tl.constexpr,
 ):
-    release_dependents(PDL)
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     page = slot // PAGE
@@ -66,5 +66,5 @@ def store_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=next_pow2(num_kv_heads),
-        BLOCK_D=next_pow2(head_dim), PAGE=k_cache.shape[1], **pdl_args(k.device),
+        BLOCK_D=next_pow2(head_dim), PAGE=k_cache.shape[1], **pdl_args(k.device, launch=True),
     )
