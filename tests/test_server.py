@@ -438,14 +438,15 @@ def test_one_refused_prompt_of_several_leaves_nothing_behind(tiny_server) -> Non
 
 
 @pytest.mark.slow
-def test_several_prompts_past_the_waiting_limit_get_503_and_leave_nothing(default_server) -> None:
-    """Each prompt waits as one request: with --max-waiting 1 the second is refused, so the
-    first, already accepted, is aborted."""
+def test_more_prompts_than_may_wait_get_400_and_add_nothing(default_server) -> None:
+    """Each prompt waits as one request, so with --max-waiting 1 two prompts could never be
+    taken at once: a 400 (a 503 would invite retries that always fail), and none is added."""
     aborted = _metric(default_server, 'infinite_llm_request_finished_total{finish_reason="abort"}')
     body = {"prompt": ["Once upon a time", "Hi"], "max_tokens": 1000, **GREEDY}
     response = _post(f"{default_server}/v1/completions", json=body, headers=AUTH)
-    assert _assert_openai_error(response, 503)["code"] == "queue_full"
-    _wait_all_blocks_free(default_server, aborted + 1)
+    error = _assert_openai_error(response, 400)
+    assert error["param"] == "prompt" and "--max-waiting" in error["message"]
+    _wait_all_blocks_free(default_server, aborted)  # nothing was added, so none was aborted
 
 
 # ---- clients that leave -----------------------------------------------------------------------

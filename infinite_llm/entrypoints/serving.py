@@ -273,7 +273,12 @@ class OpenAIServing:
     async def _add_all(self, fmt: _Format, prompts: list[str | list[int]],
                        params: SamplingParams) -> list[RequestStream]:
         """Add every prompt at once, so they batch; if any is refused (or we are cancelled),
-        the others are aborted and the first refusal, in prompt order, is raised."""
+        the others are aborted and the first refusal, in prompt order, is raised. More prompts
+        than `max_waiting` lets wait could never all be taken: a 400, not a 503 to retry."""
+        limit = self.engine.max_waiting
+        if limit is not None and len(prompts) > limit:
+            raise bad_request(f"the request has {len(prompts)} prompts, but this server lets at "
+                              f"most {limit} requests wait (--max-waiting)", fmt.prompt_param)
         adds = [asyncio.ensure_future(self._add(fmt, f"{fmt.id}-{i}", prompt, params))
                 for i, prompt in enumerate(prompts)]
         try:
