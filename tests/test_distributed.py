@@ -126,6 +126,11 @@ def test_killed_worker_fails_the_driver_quickly(llama_path: Path) -> None:
             while True:
                 engine.step()
         assert time.monotonic() - start < 40
+        # Nothing more is taken, and no stale counts are reported as the pool's.
+        with pytest.raises(WorkerError, match="stopped answering"):
+            engine.add_request(SHORT[0], GREEDY)
+        with pytest.raises(WorkerError, match="stopped answering"):
+            llm.kv_stats()
     finally:
         llm.engine.shutdown()
 

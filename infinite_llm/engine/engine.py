@@ -201,7 +201,10 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> str:
-        """Queue a request; raises RequestError when it can never be served. Returns its id."""
+        """Queue a request; raises RequestError when it can never be served, and the engine's
+        WorkerError once an instance has failed. Returns its id."""
+        if self._failure is not None:
+            raise self._failure
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.outputs:
@@ -336,7 +339,10 @@ class LLMEngine:
         return any(h.num_running or h.num_waiting for h in self.heartbeats)
 
     def kv_stats(self) -> list[KVStats]:
-        """Per instance, as of the last step (live for a single instance)."""
+        """Per instance, as of the last step (live for a single instance); the engine's
+        WorkerError once an instance has failed, since the last step's counts are stale."""
+        if self._failure is not None:
+            raise self._failure
         if self.cluster is None:
             return [self.instance.rmanager.stats()]
         return [KVStats(h.total_blocks, h.free_blocks, h.own_blocks, h.lent_blocks,
