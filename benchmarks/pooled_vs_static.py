@@ -101,7 +101,8 @@ def main() -> None:
                         "engine doesn't: GManagerConfig.lend_to_running); measures what "
                         "lending costs here")
     p.add_argument("--device", default="cpu",
-                   help="cpu (gloo), or cuda: one GPU per instance over NCCL (not run yet)")
+                   help="cpu (gloo), or cuda: one GPU per instance over NCCL (run on 2 H200s: "
+                   "benchmarks/results/multi_gpu_h200x2.txt)")
     p.add_argument("--seed", type=int, default=0, help="prompt token ids")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args()
