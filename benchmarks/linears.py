@@ -8,11 +8,18 @@ are medians of `triton.testing.do_bench` (L2 flushed before every call, as the o
 weights flush it in a real step). Prints the hardware, a table and the ratio cuBLAS / ours.
 
     python benchmarks/linears.py     (not `python -P`: it imports attention_kernels)
+
+`--step 16,64` times instead a whole decode step's linears at those row counts, as the engine
+runs them: one CUDA graph of 32 layers' QKV, o_proj, gate/up and down (distinct weights, 14 GB)
+and the lm_head, cuBLAS against the Triton skinny GEMM (`fused.skinny_linear`) over a sweep of
+its tiles (block_n, block_k, stages, warps); median replay time.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import statistics
 from functools import partial
 
 import torch
@@ -26,11 +33,77 @@ SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
 GB = 1e9
 
 
+def step_ms(fn, xs: dict[int, torch.Tensor], layers: list[list[torch.Tensor]],
+            head: torch.Tensor, replays: int = 20) -> float:
+    """Median replay time of one CUDA graph of a step's linears through `fn(x, w)`."""
+    def step() -> None:
+        for ws in layers:
+            for w in ws:
+                fn(xs[w.shape[1]], w)
+        fn(xs[head.shape[1]], head)
+
+    step()  # compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def step_table(rows_list: list[int], copy: float) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [v for k, v in SHAPES.items() if k != "lm_head"]
+    layers = [[torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) / k**0.5
+               for n, k in shapes] for _ in range(32)]
+    head = torch.randn(*SHAPES["lm_head"], device="cuda", generator=gen,
+                       dtype=torch.bfloat16) / 64
+    gb = (sum(w.numel() for ws in layers for w in ws) + head.numel()) * 2 / GB
+    print(f"a step's linears: {gb:.2f} GB of weights; roofline at copy bandwidth "
+          f"{gb / copy * 1e3:.2f} ms")
+    for rows in rows_list:
+        xs = {k: torch.randn(rows, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+              for k in {w.shape[1] for w in layers[0]} | {head.shape[1]}}
+        for w in (layers[0][0], layers[0][3]):
+            torch.testing.assert_close(fused.skinny_linear(xs[w.shape[1]], w),
+                                       F.linear(xs[w.shape[1]], w), atol=2e-2, rtol=1.6e-2)
+        theirs = step_ms(F.linear, xs, layers, head)
+        print(f"rows {rows}: cuBLAS {theirs:.3f} ms ({gb / theirs * 1e3:.0f} GB/s, "
+              f"{gb / theirs * 1e3 / copy:.2f} of copy)", flush=True)
+        results = []
+        for bn, bk, st, wp in itertools.product((16, 32, 64), (128, 256, 512), (3, 4), (4, 8)):
+            fn = partial(fused.skinny_linear, block_n=bn, block_k=bk, stages=st, warps=wp)
+            try:
+                ms = step_ms(fn, xs, layers, head)
+            except Exception as e:  # a tile that doesn't fit (shared memory)
+                print(f"  ({bn}, {bk}, {st}, {wp}): {type(e).__name__}", flush=True)
+                continue
+            results.append((ms, (bn, bk, st, wp)))
+        results.sort()
+        for ms, cfg in results[:6]:
+            print(f"  skinny {cfg} (block_n, block_k, stages, warps): {ms:.3f} ms, "
+                  f"{gb / ms * 1e3 / copy:.2f} of copy, cuBLAS/ours {theirs / ms:.2f}")
+        if results:
+            print(f"  worst {results[-1][1]}: {results[-1][0]:.3f} ms", flush=True)
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--step", help="row counts, e.g. 16,64: time a step's linears instead")
+    args = parser.parse_args()
     print(f"hardware: {hardware()}")
     copy = copy_bandwidth()
     print(f"device-to-device copy: {copy:.0f} GB/s (read + write); bf16")
+    if args.step:
+        step_table([int(r) for r in args.step.split(",")], copy)
+        return
     print(f"{'matrix':>8} {'MB':>6} {'cuBLAS us':>9} {'GB/s':>6} {'/copy':>5} "
           f"{'ours us':>8} {'GB/s':>6} {'/copy':>5} {'cuBLAS/ours':>11}")
     gen = torch.Generator(device="cuda").manual_seed(0)

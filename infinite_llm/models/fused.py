@@ -222,3 +222,47 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
                                         BLOCK_K=_GEMV_BLOCK_K, STAGES=4, num_warps=8,
                                         **pdl_args(x.device, launch=True))
     return y
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+    """y = x @ w.T (+ b) for up to BLOCK_M rows on tensor cores, accumulated in float32: each
+    program streams BLOCK_N whole weight rows (the first tile before `wait_for_inputs`, as the
+    GEMV does); x, a few hundred KB, stays in L2."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None], other=0.0,
+                eviction_policy="evict_first")
+    wait_for_inputs(PDL)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None],
+                other=0.0)
+    acc = tl.dot(x, tl.trans(w))
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + offs_k[None, :],
+                    mask=m_mask[:, None], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * K + k0 + offs_k[None, :], mask=n_mask[:, None],
+                    other=0.0, eviction_policy="evict_first")
+        acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, block_n: int = 32,
+                  block_k: int = 512, stages: int = 4, warps: int = 4) -> Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias) for 2-64 rows of bf16/fp16 (K a multiple of
+    block_k, rows contiguous)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    y = x.new_empty(m, n)
+    _skinny_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        STAGES=stages, num_warps=warps, **pdl_args(x.device, launch=True))
+    return y
