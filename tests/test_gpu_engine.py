@@ -249,20 +249,21 @@ def test_fused_ops_equal_torch_path(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gemv_equals_cublas(dtype: torch.dtype) -> None:
-    """One-row linears against cuBLAS: Llama-3-8B's QKV shape, a ragged N with a bias (Qwen2's
-    QKV has one), a narrow N; x a row of a wider tensor (a view)."""
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_skinny_linears_equal_cublas(dtype: torch.dtype, rows: int) -> None:
+    """1-16 row linears (the GEMV, then the tile kernel) against cuBLAS: Llama-3-8B's QKV shape,
+    a ragged N with a bias (Qwen2's QKV has one), a narrow N; x rows of a wider tensor (a view)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     tol = dict(atol=2e-2, rtol=1.6e-2) if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=1e-3)
     for n, k, with_bias in [(6144, 4096, False), (1000, 1024, True), (37, 512, False)]:
-        x = torch.randn(3, k, device="cuda", generator=gen, dtype=dtype)[1:2]
+        x = torch.randn(rows + 2, k, device="cuda", generator=gen, dtype=dtype)[1:rows + 1]
         w = torch.randn(n, k, device="cuda", generator=gen, dtype=dtype) / k**0.5
         b = torch.randn(n, device="cuda", generator=gen, dtype=dtype) if with_bias else None
-        assert fused.gemv_fits(x, w)
-        torch.testing.assert_close(fused.gemv(x, w, b), torch.nn.functional.linear(x, w, b),
-                                   **tol)
+        assert fused.skinny_fits(x, w)
+        ours = fused.gemv(x, w, b) if rows == 1 else fused.skinny_linear(x, w, b)
+        torch.testing.assert_close(ours, torch.nn.functional.linear(x, w, b), **tol)
     w = torch.empty(8, 512, device="cuda", dtype=dtype)
-    assert not fused.gemv_fits(torch.empty(2, 512, device="cuda", dtype=dtype), w)  # rows
-    assert not fused.gemv_fits(torch.empty(1, 512, device="cuda"), w.float())  # float32
-    assert not fused.gemv_fits(torch.empty(1, 576, device="cuda", dtype=dtype),
-                               torch.empty(8, 576, device="cuda", dtype=dtype))  # width
+    assert not fused.skinny_fits(torch.empty(17, 512, device="cuda", dtype=dtype), w)  # rows
+    assert not fused.skinny_fits(torch.empty(1, 512, device="cuda"), w.float())  # float32
+    assert not fused.skinny_fits(torch.empty(1, 576, device="cuda", dtype=dtype),
+                                 torch.empty(8, 576, device="cuda", dtype=dtype))  # width

@@ -170,11 +170,14 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     return out
 
 
-# One-row linears (decode at batch 1): the product is a read of the weight matrix and little
+# Decode-sized linears (1-16 rows): the product is a read of the weight matrix and little
 # else, and there cuBLAS falls short of the copy bandwidth, most on the smaller matrices. Each
-# program streams BLOCK_N whole weight rows, evicted first from L2 (read once per step); the
-# x row stays in L2. From 2 rows on, cuBLAS is as fast or faster (a tensor-core tile version of
-# this kernel lost to it at 4 and 16 rows). `benchmarks/linears.py` compares the two.
+# program streams BLOCK_N whole weight rows, evicted first from L2 (read once per step); x stays
+# in L2. One row takes the GEMV (FMAs), 2-16 rows the tile kernel (tensor cores). Timed as a
+# step's linears in one CUDA graph on an H100 (`benchmarks/linears.py --step`), the tile kernel
+# with PDL is 1.03x cuBLAS at 4 and 16 rows and loses at 32 (0.98x) and 64 (0.96x), so from 17
+# rows on cuBLAS runs them.
+SKINNY_MAX_ROWS = 16
 _GEMV_BLOCK_K = 512
 
 
@@ -204,17 +207,18 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def gemv_fits(x: Tensor, weight: Tensor) -> bool:
-    """Whether `gemv` takes this product: one row of bf16/fp16, the weight's dtype, a width that
-    is a multiple of 512, contiguous."""
-    return (x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
+def skinny_fits(x: Tensor, weight: Tensor) -> bool:
+    """Whether `gemv` (one row) or `skinny_linear` (2-16 rows) takes this product: bf16/fp16,
+    the weight's dtype, a width that is a multiple of 512, rows contiguous."""
+    return (x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS
+            and x.dtype in (torch.bfloat16, torch.float16)
             and weight.dtype == x.dtype and x.shape[1] % _GEMV_BLOCK_K == 0
             and x.stride(1) == 1 and weight.is_contiguous())
 
 
 def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [1, K] @ weight [N, K].T (+ bias) for `gemv_fits` inputs; tiles from a sweep on an H100
-    over Llama-3-8B's matrices."""
+    """x [1, K] @ weight [N, K].T (+ bias) for one-row `skinny_fits` inputs; tiles from a sweep
+    on an H100 over Llama-3-8B's matrices."""
     n, k = weight.shape
     y = x.new_empty(1, n)
     _gemv_kernel[(triton.cdiv(n, 16),)](x, weight, weight if bias is None else bias, y, n, k,
@@ -256,8 +260,9 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
 
 def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, block_n: int = 32,
                   block_k: int = 512, stages: int = 4, warps: int = 4) -> Tensor:
-    """x [M, K] @ weight [N, K].T (+ bias) for 2-64 rows of bf16/fp16 (K a multiple of
-    block_k, rows contiguous)."""
+    """x [M, K] @ weight [N, K].T (+ bias) for `skinny_fits` inputs of 2-16 rows; the default
+    tiles are the sweep's best at 16 rows (K must be a multiple of block_k; `linears.py --step`
+    also tries up to 64 rows)."""
     m, k = x.shape
     n = weight.shape[0]
     y = x.new_empty(m, n)

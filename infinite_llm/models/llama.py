@@ -60,13 +60,16 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tens
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
            packed: Tensor | None = None) -> Tensor:
-    """x @ weight.T (+ bias). One bf16/fp16 row on CUDA (decode at batch 1) goes to a Triton
-    GEMV, which reads the weights faster than cuBLAS does; `PACKED_ROWS` rows on CPU to oneDNN
-    when the weight's `packed` copy is given; everything else to F.linear."""
+    """x @ weight.T (+ bias). 1-16 bf16/fp16 rows on CUDA (decode at batch 1-16) go to Triton
+    (a GEMV for one row, a tile kernel for more), which reads the weights faster than cuBLAS
+    does; `PACKED_ROWS` rows on CPU to oneDNN when the weight's `packed` copy is given;
+    everything else to F.linear."""
     if packed is not None and x.shape[0] in PACKED_ROWS:
         return packed_linear(x, packed, bias)
-    if fused is not None and x.is_cuda and fused.gemv_fits(x, weight):
-        return fused.gemv(x, weight, bias)
+    if fused is not None and x.is_cuda and fused.skinny_fits(x, weight):
+        if x.shape[0] == 1:
+            return fused.gemv(x, weight, bias)
+        return fused.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
