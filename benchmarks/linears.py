@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from attention_kernels import bench_ms, copy_bandwidth, hardware
+from attention_kernels import bench_ms, copy_bandwidth, graph_ms, hardware, parse_sizes
 
 from infinite_llm.models import fused
 
@@ -34,28 +33,11 @@ GB = 1e9
 
 
 def step_ms(fn, xs: dict[int, torch.Tensor], layers: list[list[torch.Tensor]],
-            head: torch.Tensor, replays: int = 20) -> float:
-    """Median replay time of one CUDA graph of a step's linears through `fn(x, w)`."""
-    def step() -> None:
-        for ws in layers:
-            for w in ws:
-                fn(xs[w.shape[1]], w)
-        fn(xs[head.shape[1]], head)
-
-    step()  # compiles
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+            head: torch.Tensor) -> float:
+    """A step's linears through `fn(x, w)` in one CUDA graph: median replay time."""
+    calls = [partial(fn, xs[w.shape[1]], w) for ws in layers for w in ws]
+    calls.append(partial(fn, xs[head.shape[1]], head))
+    return graph_ms(calls) * len(calls)
 
 
 def step_table(rows_list: list[int], copy: float) -> None:
@@ -96,13 +78,14 @@ def step_table(rows_list: list[int], copy: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--step", help="row counts, e.g. 16,64: time a step's linears instead")
+    parser.add_argument("--step", type=parse_sizes,
+                        help="row counts, e.g. 16,64: time a step's linears instead")
     args = parser.parse_args()
     print(f"hardware: {hardware()}")
     copy = copy_bandwidth()
     print(f"device-to-device copy: {copy:.0f} GB/s (read + write); bf16")
     if args.step:
-        step_table([int(r) for r in args.step.split(",")], copy)
+        step_table(args.step, copy)
         return
     print(f"{'matrix':>8} {'MB':>6} {'cuBLAS us':>9} {'GB/s':>6} {'/copy':>5} "
           f"{'ours us':>8} {'GB/s':>6} {'/copy':>5} {'cuBLAS/ours':>11}")
