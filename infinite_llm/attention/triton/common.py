@@ -61,7 +61,7 @@ def wait_for_inputs(PDL: tl.constexpr):
     or writes what one reads, so the chain stays ordered."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    release_dependents(PDL)
 
 
 def next_pow2(n: int) -> int:
