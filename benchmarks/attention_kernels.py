@@ -74,12 +74,20 @@ def kv_bytes(batch: int, context: int) -> int:
     return 2 * batch * context * KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
 
 
-def paged_case(batch: int, context: int, block_size: int):
-    """A pool holding `batch` sequences of `context` keys in shuffled blocks, one query each."""
+def paged_case(batch: int, context: int, block_size: int, layout: str = "token"):
+    """A pool holding `batch` sequences of `context` keys in shuffled blocks, one query each.
+    `layout` "token": a block is [block_size, KV_HEADS, HEAD_DIM] in memory; "head": [KV_HEADS,
+    block_size, HEAD_DIM] (each head's keys of a block contiguous), seen through the same
+    [blocks, block_size, KV_HEADS, HEAD_DIM] view."""
     blocks_per_seq = -(-context // block_size)
     shape = (batch * blocks_per_seq, block_size, KV_HEADS, HEAD_DIM)
-    k_cache = torch.empty(shape, dtype=DTYPE, device="cuda").normal_()
-    v_cache = torch.empty(shape, dtype=DTYPE, device="cuda").normal_()
+    if layout == "head":
+        stored = (shape[0], KV_HEADS, block_size, HEAD_DIM)
+        k_cache = torch.empty(stored, dtype=DTYPE, device="cuda").normal_().transpose(1, 2)
+        v_cache = torch.empty(stored, dtype=DTYPE, device="cuda").normal_().transpose(1, 2)
+    else:
+        k_cache = torch.empty(shape, dtype=DTYPE, device="cuda").normal_()
+        v_cache = torch.empty(shape, dtype=DTYPE, device="cuda").normal_()
     table = torch.randperm(shape[0], device="cuda", dtype=torch.int32).view(batch, -1)
     paged = PagedBatch(
         cu_q_lens=torch.arange(batch + 1, device="cuda"),
@@ -123,15 +131,15 @@ def layers(nbytes: int) -> int:
     return max(1, min(64, -(-int(GB) // nbytes)))
 
 
-def ours_ms(batch: int, context: int, block_size: int, timing: str,
+def ours_ms(batch: int, context: int, block_size: int, timing: str, layout: str = "token",
             config: kernels.DecodeConfig | None = None) -> float:
     """Our decode kernel; `config` None: the launch the engine's graphs use for this shape."""
     scale = HEAD_DIM**-0.5
     if timing == "eager":
-        q, k_cache, v_cache, paged = paged_case(batch, context, block_size)
+        q, k_cache, v_cache, paged = paged_case(batch, context, block_size, layout)
         return bench_ms(lambda: kernels.decode_attention(q, k_cache, v_cache, paged, scale,
                                                          config))
-    cases = [paged_case(batch, context, block_size)
+    cases = [paged_case(batch, context, block_size, layout)
              for _ in range(layers(kv_bytes(batch, context)))]
     if config is None:
         q, k_cache = cases[0][:2]
@@ -158,10 +166,16 @@ def fits(nbytes: int, limit_gb: float) -> bool:
     return nbytes <= limit_gb * GB and nbytes + 2 * GB < free
 
 
+def column_name(block_size: int, layout: str, layouts: list[str]) -> str:
+    """"bs16", or "bs16 head" when more than one layout is timed."""
+    return f"bs{block_size}" + (f" {layout}" if len(layouts) > 1 else "")
+
+
 def main_table(args: argparse.Namespace, copy_gbs: float) -> None:
+    columns = list(itertools.product(args.block_sizes, args.layouts))
     header = (f"{'context':>8} {'batch':>5} {'KV GB':>7} {'SDPA GB/s':>10}"
-              + "".join(f" {'bs' + str(b) + ' GB/s':>11} {'/copy':>6} {'/SDPA':>6}"
-                        for b in args.block_sizes))
+              + "".join(f" {column_name(b, layout, args.layouts) + ' GB/s':>11} {'/copy':>6}"
+                        f" {'/SDPA':>6}" for b, layout in columns))
     print(header)
     for context, batch in itertools.product(args.contexts, args.batches):
         nbytes = kv_bytes(batch, context)
@@ -170,8 +184,9 @@ def main_table(args: argparse.Namespace, copy_gbs: float) -> None:
             continue
         sdpa = nbytes / (sdpa_ms(batch, context, args.timing) * 1e-3) / GB
         line = f"{context // 1024:>7}K {batch:>5} {nbytes / GB:>7.2f} {sdpa:>10.0f}"
-        for block_size in args.block_sizes:
-            ours = nbytes / (ours_ms(batch, context, block_size, args.timing) * 1e-3) / GB
+        for block_size, layout in columns:
+            ours = nbytes / (ours_ms(batch, context, block_size, args.timing, layout)
+                             * 1e-3) / GB
             line += f" {ours:>11.0f} {ours / copy_gbs:>6.2f} {ours / sdpa:>6.2f}"
         print(line, flush=True)
         torch.cuda.empty_cache()
@@ -182,35 +197,37 @@ def sweep(args: argparse.Namespace) -> None:
     at the engine's common shapes, timed in graphs, to choose the engine's defaults."""
     shapes = args.sweep_shapes
     tiles = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4)))
-    for block_size in args.block_sizes:
-        for context, batch in shapes:
-            nbytes = kv_bytes(batch, context)
-            if not fits(layers(nbytes) * nbytes, args.max_gb):
+    for (block_size, layout), (context, batch) in itertools.product(
+            itertools.product(args.block_sizes, args.layouts), shapes):
+        nbytes = kv_bytes(batch, context)
+        if not fits(layers(nbytes) * nbytes, args.max_gb):
+            continue
+        cases = [paged_case(batch, context, block_size, layout)
+                 for _ in range(layers(nbytes))]
+        q, k_cache = cases[0][:2]
+        shipped = graph_decode_config(q, k_cache, context)
+        results = []
+        for (n, w, st), splits in itertools.product(tiles, (1, 2, 4, 8, 16, 32, 64, 128)):
+            if splits * n > context:
                 continue
-            cases = [paged_case(batch, context, block_size) for _ in range(layers(nbytes))]
-            q, k_cache = cases[0][:2]
-            shipped = graph_decode_config(q, k_cache, context)
-            results = []
-            for (n, w, st), splits in itertools.product(tiles, (1, 2, 4, 8, 16, 32, 64, 128)):
-                if splits * n > context:
-                    continue
-                config = kernels.DecodeConfig(block_n=n, num_warps=w, num_stages=st,
-                                              splits=splits, split_per_row=True)
-                try:
-                    ms = graph_ms([partial(kernels.decode_attention, *case, HEAD_DIM**-0.5,
-                                           config) for case in cases], replays=10)
-                except Exception as error:  # e.g. out of shared memory: report, go on
-                    print(f"  {config}: {type(error).__name__}")
-                    continue
-                results.append((nbytes / (ms * 1e-3) / GB, (n, w, st, splits)))
-            results.sort(reverse=True)
-            mine = (shipped.block_n, shipped.num_warps, shipped.num_stages, shipped.splits)
-            print(f"sweep bs{block_size} {context // 1024}K x {batch} (block_n, warps, stages, "
-                  f"splits): engine {mine} {dict((c, g) for g, c in results).get(mine, 0):.0f} "
-                  f"GB/s; best " + ", ".join(f"{c} {g:.0f}" for g, c in results[:6])
-                  + f"; worst {results[-1][0]:.0f}", flush=True)
-            del cases
-            torch.cuda.empty_cache()
+            config = kernels.DecodeConfig(block_n=n, num_warps=w, num_stages=st,
+                                          splits=splits, split_per_row=True)
+            try:
+                ms = graph_ms([partial(kernels.decode_attention, *case, HEAD_DIM**-0.5,
+                                       config) for case in cases], replays=10)
+            except Exception as error:  # e.g. out of shared memory: report, go on
+                print(f"  {config}: {type(error).__name__}")
+                continue
+            results.append((nbytes / (ms * 1e-3) / GB, (n, w, st, splits)))
+        results.sort(reverse=True)
+        mine = (shipped.block_n, shipped.num_warps, shipped.num_stages, shipped.splits)
+        engine_gbs = dict((c, g) for g, c in results).get(mine, 0)
+        print(f"sweep {column_name(block_size, layout, args.layouts)} {context // 1024}K x "
+              f"{batch} (block_n, warps, stages, splits): engine {mine} {engine_gbs:.0f} "
+              f"GB/s; best " + ", ".join(f"{c} {g:.0f}" for g, c in results[:6])
+              + f"; worst {results[-1][0]:.0f}", flush=True)
+        del cases
+        torch.cuda.empty_cache()
 
 
 def prefill(block_size: int, sweep_configs: bool) -> None:
@@ -261,6 +278,8 @@ def main() -> None:
     parser.add_argument("--contexts", type=parse_sizes, default="1K,4K,16K,32K,128K,512K")
     parser.add_argument("--batches", type=parse_sizes, default="1,8,64")
     parser.add_argument("--block-sizes", type=parse_sizes, default="16,64")
+    parser.add_argument("--layouts", type=lambda text: text.split(","), default=["token"],
+                        help="KV page layouts: token (the engine's), head, or token,head")
     parser.add_argument("--max-gb", type=float, default=60.0, help="skip larger KV")
     parser.add_argument("--timing", choices=("graph", "eager"), default="graph")
     parser.add_argument("--sweep", action="store_true",

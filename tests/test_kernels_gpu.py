@@ -169,6 +169,31 @@ def test_paged_attention_matches_reference(dtype, block_size, head_dim, group, d
         _check(out, lse, *_reference(case, scale), dtype)
 
 
+def _head_major(cache: torch.Tensor) -> torch.Tensor:
+    """The same [blocks, block_size, kv_heads, head_dim] values, stored with each head's keys of
+    a block contiguous ([blocks, kv_heads, block_size, head_dim] in memory)."""
+    return cache.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_kernels_follow_the_cache_strides(block_size: int, decode: bool) -> None:
+    """Attention and the KV store read the cache through its strides: a head-major cache gives
+    the reference's results too."""
+    rng = random.Random(block_size + decode)
+    case = _make_case(rng, dtype=torch.bfloat16, block_size=block_size, head_dim=128, group=4,
+                      decode=decode, num_kv_heads=4)
+    k_cache, v_cache = _head_major(case.k_cache), _head_major(case.v_cache)
+    assert not k_cache.is_contiguous()
+    out, lse = kernels.paged_attention(case.q, k_cache, v_cache, case.batch, 0.088)
+    _check(out, lse, *_reference(case, 0.088), torch.bfloat16)
+    slots = torch.randperm(k_cache.shape[0] * block_size)[:50].to(DEVICE)
+    new_k, new_v = torch.randn(2, 50, 4, 128, device=DEVICE, dtype=torch.bfloat16)
+    kernels.store_kv(k_cache, v_cache, slots, new_k, new_v)
+    reference.store_kv(case.k_cache, case.v_cache, slots, new_k, new_v)
+    assert torch.equal(k_cache, case.k_cache) and torch.equal(v_cache, case.v_cache)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
 def test_prefill_kernel_on_decode_rows_and_float32(dtype, decode) -> None:

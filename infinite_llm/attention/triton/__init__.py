@@ -45,8 +45,8 @@ def paged_attention(
 
     All-decode batches take the split-K decode kernel, which spreads long contexts over the whole
     GPU; anything with a longer query run takes the prefill kernel (decode rows included)."""
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the KV cache of a layer must be contiguous")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the KV cache of a layer must be contiguous in head_dim")
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of "
                          f"{k_cache.shape[2]} kv heads")

@@ -59,8 +59,8 @@ _PROGRAMS_PER_SM: dict[tuple, int] = {}
 @triton.jit
 def _decode_kernel(
     q_ptr,  # [num_rows, num_heads, HEAD_DIM], contiguous in heads and HEAD_DIM
-    k_ptr,  # [num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM], contiguous
-    v_ptr,  # [num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM], contiguous
+    k_ptr,  # [num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM], contiguous in HEAD_DIM
+    v_ptr,  # [num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM], contiguous in HEAD_DIM
     table_ptr,  # [num_rows, stride_table] int32
     kv_starts_ptr,  # [num_rows] int64
     kv_lens_ptr,  # [num_rows] int64
@@ -73,6 +73,8 @@ def _decode_kernel(
     num_rows,
     stride_q,  # between rows of q (a view of a fused QKV has gaps between them)
     stride_table,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
     tokens_per_split,  # multiple of BLOCK_N; 0: each row splits its own keys evenly
     num_splits,
     GROUP: tl.constexpr,  # query heads per kv head
@@ -109,9 +111,8 @@ def _decode_kernel(
     q_heads = row * stride_q + (kvh * GROUP + offs_h) * HEAD_DIM
     q = tl.load(q_ptr + q_heads[:, None] + offs_d[None, :], mask=qo_mask,
                 other=0.0).to(k_ptr.dtype.element_ty)
-    stride_t: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
-    k_base = k_ptr + kvh * HEAD_DIM
-    v_base = v_ptr + kvh * HEAD_DIM
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
     table = table_ptr + row * stride_table
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -119,14 +120,14 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for start in range(lo, full_hi, BLOCK_N):  # whole tiles: no masks
         tok = start + tl.arange(0, BLOCK_N)
-        k, v = load_kv_tile(k_base, v_base, table, tok, tok < hi, offs_d, PAGE * stride_t,
-                            stride_t, PAGE * stride_t, stride_t, PAGE, HEAD_DIM, BLOCK_D, False)
+        k, v = load_kv_tile(k_base, v_base, table, tok, tok < hi, offs_d, stride_kb,
+                            stride_kt, stride_vb, stride_vt, PAGE, HEAD_DIM, BLOCK_D, False)
         m_i, l_i, acc = softmax_step(q, k, v, 0, m_i, l_i, acc, qk_scale, False, PRECISION)
     for start in range(full_hi, hi, BLOCK_N):  # the last, partial tile
         tok = start + tl.arange(0, BLOCK_N)
         valid = tok < hi
-        k, v = load_kv_tile(k_base, v_base, table, tok, valid, offs_d, PAGE * stride_t,
-                            stride_t, PAGE * stride_t, stride_t, PAGE, HEAD_DIM, BLOCK_D, True)
+        k, v = load_kv_tile(k_base, v_base, table, tok, valid, offs_d, stride_kb,
+                            stride_kt, stride_vb, stride_vt, PAGE, HEAD_DIM, BLOCK_D, True)
         m_i, l_i, acc = softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, True,
                                      PRECISION)
     out, lse = finish(m_i, l_i, acc)
@@ -214,8 +215,8 @@ def choose_splits(num_rows: int, q: Tensor, k_cache: Tensor, max_kv: int,
 
 def decode_attention(
     q: Tensor,  # [num_rows, num_heads, head_dim]: one query per row
-    k_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
-    v_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    k_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous in head_dim
+    v_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous in head_dim
     batch: PagedBatch,
     scale: float,
     config: DecodeConfig | None = None,
@@ -253,7 +254,8 @@ def decode_attention(
     kernel = _decode_kernel[(num_rows, num_kv_heads, splits)](
         q, k_cache, v_cache, batch.block_tables, batch.kv_starts, batch.kv_lens,
         batch.q_positions, out, lse, o_part, lse_part, scale * LOG2E, num_rows, q.stride(0),
-        batch.block_tables.stride(0), per_split, splits,
+        batch.block_tables.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], per_split,
+        splits,
         GROUP=group, BLOCK_H=max(16, next_pow2(group)), NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_N=config.block_n,
         PAGE=page, PRECISION=dot_precision(k_cache.element_size()),
