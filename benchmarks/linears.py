@@ -76,16 +76,63 @@ def step_table(rows_list: list[int], copy: float) -> None:
             print(f"  worst {results[-1][1]}: {results[-1][0]:.3f} ms", flush=True)
 
 
+def matrix_table(rows_list: list[int], copy: float) -> None:
+    """Per matrix, 32 distinct weights called back to back in one CUDA graph (the lm_head once):
+    cuBLAS against `fused.splitk_linear` over a sweep of its tiles and split counts."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weights = {name: [torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+                      / k**0.5 for _ in range(1 if name == "lm_head" else 32)]
+               for name, (n, k) in SHAPES.items()}
+    configs = [(bn, bk, split, st, 4 if bn == 64 else 8) for bn, bk, split, st in
+               itertools.product((64, 128), (64, 128, 256), (1, 2, 4, 8), (3, 4))]
+    for rows in rows_list:
+        total_theirs = total_ours = 0.0
+        for name, ws in weights.items():
+            x = torch.randn(rows, ws[0].shape[1], device="cuda", generator=gen,
+                            dtype=torch.bfloat16)
+            gb = sum(w.numel() for w in ws) * 2 / GB
+            theirs = graph_ms([partial(F.linear, x, w) for w in ws]) * len(ws)
+            results = []
+            for bn, bk, split, st, wp in configs:
+                if ws[0].shape[1] % (bk * split) or (name == "lm_head" and split > 1):
+                    continue
+                fn = partial(fused.splitk_linear, block_n=bn, block_k=bk, split_k=split,
+                             stages=st, warps=wp)
+                try:
+                    torch.testing.assert_close(fn(x, ws[0]), F.linear(x, ws[0]), atol=2e-2,
+                                               rtol=1.6e-2)
+                    ms = graph_ms([partial(fn, x, w) for w in ws], replays=10) * len(ws)
+                except Exception as e:  # a tile that doesn't fit (shared memory)
+                    print(f"  {name} ({bn}, {bk}, {split}, {st}, {wp}): {type(e).__name__}",
+                          flush=True)
+                    continue
+                results.append((ms, (bn, bk, split, st, wp)))
+            results.sort()
+            total_theirs += theirs
+            total_ours += min(theirs, results[0][0])
+            print(f"rows {rows} {name}: cuBLAS {theirs:.3f} ms ({gb / theirs * 1e3 / copy:.2f} "
+                  f"of copy); splitk (block_n, block_k, split, stages, warps) "
+                  + ", ".join(f"{c} {ms:.3f} ms {gb / ms * 1e3 / copy:.2f} {theirs / ms:.2f}x"
+                              for ms, c in results[:3]), flush=True)
+        print(f"rows {rows}: a step's linears, cuBLAS {total_theirs:.3f} ms, the faster of the "
+              f"two per matrix {total_ours:.3f} ms: {total_theirs / total_ours:.3f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step", type=parse_sizes,
                         help="row counts, e.g. 16,64: time a step's linears instead")
+    parser.add_argument("--matrices", type=parse_sizes,
+                        help="row counts, e.g. 32,64: sweep the split-K kernel per matrix")
     args = parser.parse_args()
     print(f"hardware: {hardware()}")
     copy = copy_bandwidth()
     print(f"device-to-device copy: {copy:.0f} GB/s (read + write); bf16")
     if args.step:
         step_table(args.step, copy)
+    if args.matrices:
+        matrix_table(args.matrices, copy)
+    if args.step or args.matrices:
         return
     print(f"{'matrix':>8} {'MB':>6} {'cuBLAS us':>9} {'GB/s':>6} {'/copy':>5} "
           f"{'ours us':>8} {'GB/s':>6} {'/copy':>5} {'cuBLAS/ours':>11}")

@@ -25,7 +25,7 @@ from infinite_llm.attention import triton as kernels
 from infinite_llm.attention.reference import PagedBatch
 from infinite_llm.config import RopeScaling
 from infinite_llm.engine.cuda_graphs import buckets
-from infinite_llm.models import fused
+from infinite_llm.models import fused, llama
 from infinite_llm.models.llama import RMSNorm
 from infinite_llm.models.rope import RotaryEmbedding
 
@@ -249,21 +249,42 @@ def test_fused_ops_equal_torch_path(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40, 64])
 def test_skinny_linears_equal_cublas(dtype: torch.dtype, rows: int) -> None:
-    """1-16 row linears (the GEMV, then the tile kernel) against cuBLAS: Llama-3-8B's QKV shape,
-    a ragged N with a bias (Qwen2's QKV has one), a narrow N; x rows of a wider tensor (a view)."""
+    """1-64 row linears (the GEMV, the tile kernel, the split-K kernel with 1, 2 and 4 splits)
+    against cuBLAS: Llama-3-8B's QKV and down shapes, a ragged N with a bias (Qwen2's QKV has
+    one), a narrow N; x rows of a wider tensor (a view). `linear` sends the product where
+    `splitk_tiles` says."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     tol = dict(atol=2e-2, rtol=1.6e-2) if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=1e-3)
-    for n, k, with_bias in [(6144, 4096, False), (1000, 1024, True), (37, 512, False)]:
+    for n, k, with_bias in [(6144, 4096, False), (4096, 14336, False), (1000, 1024, True),
+                            (37, 512, False)]:
         x = torch.randn(rows + 2, k, device="cuda", generator=gen, dtype=dtype)[1:rows + 1]
         w = torch.randn(n, k, device="cuda", generator=gen, dtype=dtype) / k**0.5
         b = torch.randn(n, device="cuda", generator=gen, dtype=dtype) if with_bias else None
+        expected = torch.nn.functional.linear(x, w, b)
         assert fused.skinny_fits(x, w)
-        ours = fused.gemv(x, w, b) if rows == 1 else fused.skinny_linear(x, w, b)
-        torch.testing.assert_close(ours, torch.nn.functional.linear(x, w, b), **tol)
+        torch.testing.assert_close(llama.linear(x, w, b), expected, **tol)
+        if rows == 1:
+            ours = [fused.gemv(x, w, b)]
+        elif rows <= fused.SKINNY_MAX_ROWS:
+            ours = [fused.skinny_linear(x, w, b)]
+        else:
+            ours = [fused.splitk_linear(x, w, b, split_k=split) for split in (1, 2, 4, 2)]
+        for y in ours:
+            torch.testing.assert_close(y, expected, **tol)
+    if rows > fused.SKINNY_MAX_ROWS:
+        assert not fused._COUNTERS[x.device].any()  # every launch left its counters at zero
+        # Replays of a captured split-K launch read this replay's partials, not the last one's.
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = fused.splitk_linear(x, w, b, split_k=4)
+        for _ in range(3):
+            x.copy_(torch.randn(x.shape, device="cuda", generator=gen, dtype=dtype))
+            graph.replay()
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), **tol)
     w = torch.empty(8, 512, device="cuda", dtype=dtype)
-    assert not fused.skinny_fits(torch.empty(17, 512, device="cuda", dtype=dtype), w)  # rows
+    assert not fused.skinny_fits(torch.empty(65, 512, device="cuda", dtype=dtype), w)  # rows
     assert not fused.skinny_fits(torch.empty(1, 512, device="cuda"), w.float())  # float32
     assert not fused.skinny_fits(torch.empty(1, 576, device="cuda", dtype=dtype),
                                  torch.empty(8, 576, device="cuda", dtype=dtype))  # width

@@ -170,14 +170,15 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     return out
 
 
-# Decode-sized linears (1-16 rows): the product is a read of the weight matrix and little
+# Decode-sized linears (1-64 rows): the product is a read of the weight matrix and little
 # else, and there cuBLAS falls short of the copy bandwidth, most on the smaller matrices. Each
-# program streams BLOCK_N whole weight rows, evicted first from L2 (read once per step); x stays
-# in L2. One row takes the GEMV (FMAs), 2-16 rows the tile kernel (tensor cores). Timed as a
-# step's linears in one CUDA graph on an H100 (`benchmarks/linears.py --step`), the tile kernel
-# with PDL is 1.03x cuBLAS at 4 and 16 rows and loses at 32 (0.98x) and 64 (0.96x), so from 17
-# rows on cuBLAS runs them.
+# program streams whole weight rows, evicted first from L2 (read once per step); x stays in L2.
+# One row takes the GEMV (FMAs), 2-16 rows the tile kernel (tensor cores), 17-64 rows the split-K
+# kernel on the matrices where it beats cuBLAS (`splitk_tiles`). Timed as a step's linears in one
+# CUDA graph on an H100 (`benchmarks/linears.py --step`), the tile kernel with PDL is 1.03x cuBLAS
+# at 4 and 16 rows and loses at 32 (0.98x) and 64 (0.96x), hence the split-K kernel from 17.
 SKINNY_MAX_ROWS = 16
+SPLITK_MAX_ROWS = 64
 _GEMV_BLOCK_K = 512
 
 
@@ -208,9 +209,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
 
 
 def skinny_fits(x: Tensor, weight: Tensor) -> bool:
-    """Whether `gemv` (one row) or `skinny_linear` (2-16 rows) takes this product: bf16/fp16,
-    the weight's dtype, a width that is a multiple of 512, rows contiguous."""
-    return (x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS
+    """Whether `gemv` (one row), `skinny_linear` (2-16 rows) or `splitk_linear` (17-64 rows,
+    where `splitk_tiles` has tiles) can take this product: bf16/fp16, the weight's dtype, a width
+    that is a multiple of 512, rows contiguous."""
+    return (x.dim() == 2 and 0 < x.shape[0] <= SPLITK_MAX_ROWS
             and x.dtype in (torch.bfloat16, torch.float16)
             and weight.dtype == x.dtype and x.shape[1] % _GEMV_BLOCK_K == 0
             and x.stride(1) == 1 and weight.is_contiguous())
@@ -270,4 +272,107 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, block_n
         x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
         STAGES=stages, num_warps=warps, **pdl_args(x.device, launch=True))
+    return y
+
+
+# Rows 17-64: each program holds BLOCK_N weight rows as the M side of its dot (the tensor cores'
+# wide side, as cuBLAS arranges skinny products) and all the rows of x as the N side. Where the
+# weight has few tiles of BLOCK_N rows and a long K (Llama's down_proj: 64 tiles of 14336),
+# SPLIT_K programs share a tile's K: each writes a float32 partial, and the last to finish (a
+# per-tile counter) sums them and writes y, then zeroes the counter for the next launch, so no
+# reduce kernel follows.
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> Tensor:
+    """Zeroed int32 counters, one per output tile; every launch leaves them zero again."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
+
+
+@triton.jit
+def _splitk_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm,
+                   stride_ym, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                   STAGES: tl.constexpr, PDL: tl.constexpr):
+    """y = x @ w.T (+ b): program (n tile, split) sums keys [split * K / SPLIT_K, ...) of
+    acc[BLOCK_N, BLOCK_M] = w_tile @ x_tile.T."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    k_per_split = K // SPLIT_K
+    k_lo = split * k_per_split
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K
+    w = tl.load(w_rows + k_lo + offs_k[None, :], mask=n_mask[:, None], other=0.0,
+                eviction_policy="evict_first")
+    wait_for_inputs(PDL)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_lo + offs_k[None, :],
+                mask=m_mask[:, None], other=0.0)
+    acc = tl.dot(w, tl.trans(x))
+    for k0 in tl.range(k_lo + BLOCK_K, k_lo + k_per_split, BLOCK_K, num_stages=STAGES):
+        w = tl.load(w_rows + k0 + offs_k[None, :], mask=n_mask[:, None], other=0.0,
+                    eviction_policy="evict_first")
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + offs_k[None, :],
+                    mask=m_mask[:, None], other=0.0)
+        acc += tl.dot(w, tl.trans(x))
+    offs_tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]
+    last = True
+    if SPLIT_K > 1:
+        tl.store(part_ptr + (tile * SPLIT_K + split) * BLOCK_N * BLOCK_M + offs_tile, acc)
+        tl.debug_barrier()  # every thread's partial is written before the count says so
+        last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+    if last:
+        if SPLIT_K > 1:
+            for other in tl.static_range(SPLIT_K):
+                if other != split:  # read past L1: it may hold an earlier launch's partial
+                    acc += tl.load(part_ptr + (tile * SPLIT_K + other) * BLOCK_N * BLOCK_M
+                                   + offs_tile, cache_modifier=".cg")
+            tl.store(count_ptr + tile, 0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None],
+                 acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
+
+def splitk_tiles(rows: int, n: int, k: int) -> tuple[int, int, int, int, int] | None:
+    """(block_n, block_k, split_k, stages, warps) of `splitk_linear` for `rows` x [n, k], or None
+    where cuBLAS is as fast. From `benchmarks/linears.py --matrices 32,64` on an H100 (each
+    matrix 32 times in one CUDA graph; kernels_h100 has the table): wide matrices (gate_up,
+    lm_head) 1.03-1.06x cuBLAS, a long K (down_proj) 1.04-1.06x with 2 splits, Llama-3-8B's
+    QKV 1.07x at 32 rows but 0.97x at 64; o_proj's 4096 x 4096 0.94-0.99x, left to cuBLAS."""
+    if n >= 16384:
+        return (64, 128, 1, 3, 4) if rows <= 32 else (128, 128, 1, 3, 8)
+    if k >= 8192:
+        return (64, 128, 2, 4, 4)
+    if rows <= 32 and n >= 6144:
+        return (64, 128, 1, 4, 4)
+    return None
+
+
+def splitk_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, block_n: int = 64,
+                  block_k: int = 128, split_k: int = 1, stages: int = 4,
+                  warps: int = 4) -> Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias) for up to 64 rows (K a multiple of
+    split_k * block_k); `splitk_tiles` gives the tiles the engine uses."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if k % (split_k * block_k):
+        raise ValueError(f"K={k} is not a multiple of split_k * block_k")
+    y = x.new_empty(m, n)
+    tiles = triton.cdiv(n, block_n)
+    block_m = max(16, _pow2(m))
+    part = (x.new_empty(tiles * split_k * block_n * block_m, dtype=torch.float32)
+            if split_k > 1 else y)
+    _splitk_kernel[(tiles, split_k)](
+        x, weight, weight if bias is None else bias, y, part, _tile_counters(x.device, tiles),
+        m, n, k, x.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, num_warps=warps,
+        **pdl_args(x.device, launch=True))
     return y

@@ -60,16 +60,21 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tens
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
            packed: Tensor | None = None) -> Tensor:
-    """x @ weight.T (+ bias). 1-16 bf16/fp16 rows on CUDA (decode at batch 1-16) go to Triton
-    (a GEMV for one row, a tile kernel for more), which reads the weights faster than cuBLAS
-    does; `PACKED_ROWS` rows on CPU to oneDNN when the weight's `packed` copy is given;
-    everything else to F.linear."""
+    """x @ weight.T (+ bias). 1-64 bf16/fp16 rows on CUDA (decode at batch 1-64) go to Triton
+    where it reads the weights faster than cuBLAS does (a GEMV for one row, a tile kernel for
+    2-16, the split-K kernel for 17-64 on the matrices `splitk_tiles` names); `PACKED_ROWS` rows
+    on CPU to oneDNN when the weight's `packed` copy is given; everything else to F.linear."""
     if packed is not None and x.shape[0] in PACKED_ROWS:
         return packed_linear(x, packed, bias)
     if fused is not None and x.is_cuda and fused.skinny_fits(x, weight):
-        if x.shape[0] == 1:
+        rows = x.shape[0]
+        if rows == 1:
             return fused.gemv(x, weight, bias)
-        return fused.skinny_linear(x, weight, bias)
+        if rows <= fused.SKINNY_MAX_ROWS:
+            return fused.skinny_linear(x, weight, bias)
+        tiles = fused.splitk_tiles(rows, *weight.shape)
+        if tiles is not None:
+            return fused.splitk_linear(x, weight, bias, *tiles)
     return F.linear(x, weight, bias)
 
 
