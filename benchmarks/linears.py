@@ -110,8 +110,12 @@ def matrix_table(rows_list: list[int], copy: float) -> None:
             results.sort()
             total_theirs += theirs
             total_ours += min(theirs, results[0][0])
+            skinny = ""
+            if rows <= fused.SKINNY_MAX_ROWS:  # what the engine runs at these rows
+                ms = graph_ms([partial(fused.skinny_linear, x, w) for w in ws]) * len(ws)
+                skinny = f"; skinny {ms:.3f} ms ({gb / ms * 1e3 / copy:.2f})"
             print(f"rows {rows} {name}: cuBLAS {theirs:.3f} ms ({gb / theirs * 1e3 / copy:.2f} "
-                  f"of copy); splitk (block_n, block_k, split, stages, warps) "
+                  f"of copy){skinny}; splitk (block_n, block_k, split, stages, warps) "
                   + ", ".join(f"{c} {ms:.3f} ms {gb / ms * 1e3 / copy:.2f} {theirs / ms:.2f}x"
                               for ms, c in results[:3]), flush=True)
         print(f"rows {rows}: a step's linears, cuBLAS {total_theirs:.3f} ms, the faster of the "

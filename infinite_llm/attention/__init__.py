@@ -60,7 +60,7 @@ def graph_decode_config(q: Tensor, k_cache: Tensor, max_kv: int) -> DecodeConfig
     the tiles for that."""
     from infinite_llm.attention import triton as kernels
 
-    config = kernels.default_config(k_cache)
+    config = kernels.default_config(k_cache, q.shape[0])
     splits = kernels.choose_splits(q.shape[0], q, k_cache, max_kv, config)
     splits = 1 << (splits.bit_length() - 1)
     config = kernels.long_tiles(config, k_cache, q.shape[0], max_kv // splits)
@@ -74,7 +74,7 @@ def graph_decode_configs(q: Tensor, k_cache: Tensor, max_kv: int) -> list[Decode
     from infinite_llm.attention import triton as kernels
 
     top = graph_decode_config(q, k_cache, max_kv)
-    base = kernels.default_config(k_cache)
+    base = kernels.default_config(k_cache, q.shape[0])
     assert top.splits is not None
     return [*(replace(base, splits=1 << i, split_per_row=True)
               for i in range(top.splits.bit_length())),

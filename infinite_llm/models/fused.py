@@ -173,10 +173,11 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 # Decode-sized linears (1-64 rows): the product is a read of the weight matrix and little
 # else, and there cuBLAS falls short of the copy bandwidth, most on the smaller matrices. Each
 # program streams whole weight rows, evicted first from L2 (read once per step); x stays in L2.
-# One row takes the GEMV (FMAs), 2-16 rows the tile kernel (tensor cores), 17-64 rows the split-K
-# kernel on the matrices where it beats cuBLAS (`splitk_tiles`). Timed as a step's linears in one
-# CUDA graph on an H100 (`benchmarks/linears.py --step`), the tile kernel with PDL is 1.03x cuBLAS
-# at 4 and 16 rows and loses at 32 (0.98x) and 64 (0.96x), hence the split-K kernel from 17.
+# One row takes the GEMV (FMAs); 2-64 rows the split-K kernel on the matrices `splitk_tiles`
+# names, else the tile kernel up to 16 rows and cuBLAS beyond (both on tensor cores). Timed as a
+# step's linears in one CUDA graph on an H100 (`benchmarks/linears.py --step`), the tile kernel
+# with PDL is 1.03x cuBLAS at 4 and 16 rows and loses at 32 (0.98x) and 64 (0.96x); per matrix
+# (`--matrices`), the split-K kernel beats both where `splitk_tiles` says.
 SKINNY_MAX_ROWS = 16
 SPLITK_MAX_ROWS = 64
 _GEMV_BLOCK_K = 512
@@ -209,8 +210,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
 
 
 def skinny_fits(x: Tensor, weight: Tensor) -> bool:
-    """Whether `gemv` (one row), `skinny_linear` (2-16 rows) or `splitk_linear` (17-64 rows,
-    where `splitk_tiles` has tiles) can take this product: bf16/fp16, the weight's dtype, a width
+    """Whether `gemv` (one row), `splitk_linear` (2-64 rows, where `splitk_tiles` has tiles) or
+    `skinny_linear` (2-16 rows) can take this product: bf16/fp16, the weight's dtype, a width
     that is a multiple of 512, rows contiguous."""
     return (x.dim() == 2 and 0 < x.shape[0] <= SPLITK_MAX_ROWS
             and x.dtype in (torch.bfloat16, torch.float16)
@@ -275,7 +276,7 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, block_n
     return y
 
 
-# Rows 17-64: each program holds BLOCK_N weight rows as the M side of its dot (the tensor cores'
+# Rows 2-64: each program holds BLOCK_N weight rows as the M side of its dot (the tensor cores'
 # wide side, as cuBLAS arranges skinny products) and all the rows of x as the N side. Where the
 # weight has few tiles of BLOCK_N rows and a long K (Llama's down_proj: 64 tiles of 14336),
 # SPLIT_K programs share a tile's K: each writes a float32 partial, and the last to finish (a
@@ -343,16 +344,17 @@ def _splitk_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, str
 
 def splitk_tiles(rows: int, n: int, k: int) -> tuple[int, int, int, int, int] | None:
     """(block_n, block_k, split_k, stages, warps) of `splitk_linear` for `rows` x [n, k], or None
-    where cuBLAS is as fast. From `benchmarks/linears.py --matrices 32,64` on an H100 (each
-    matrix 32 times in one CUDA graph; kernels_h100 has the table): wide matrices (gate_up,
-    lm_head) 1.03-1.06x cuBLAS, a long K (down_proj) 1.04-1.06x with 2 splits, Llama-3-8B's
-    QKV 1.07x at 32 rows but 0.97x at 64; o_proj's 4096 x 4096 0.94-0.99x, left to cuBLAS."""
+    where the tile kernel (up to 16 rows) or cuBLAS is as fast. From `benchmarks/linears.py
+    --matrices 16,32,64` on an H100 (each matrix 32 times in one CUDA graph): wide matrices
+    (gate_up, lm_head) 1.03-1.08x the faster of the two, Llama-3-8B's QKV 1.07-1.10x up to 32
+    rows (0.97x at 64), down_proj's long K with 2 splits 1.04-1.06x at 32-64 rows (the tile
+    kernel is as fast at 16); o_proj's 4096 x 4096 is the others'."""
     if n >= 16384:
         return (64, 128, 1, 3, 4) if rows <= 32 else (128, 128, 1, 3, 8)
-    if k >= 8192:
-        return (64, 128, 2, 4, 4)
     if rows <= 32 and n >= 6144:
         return (64, 128, 1, 4, 4)
+    if rows > SKINNY_MAX_ROWS and k >= 8192:
+        return (64, 128, 2, 4, 4)
     return None
 
 

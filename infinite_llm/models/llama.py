@@ -61,20 +61,21 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tens
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
            packed: Tensor | None = None) -> Tensor:
     """x @ weight.T (+ bias). 1-64 bf16/fp16 rows on CUDA (decode at batch 1-64) go to Triton
-    where it reads the weights faster than cuBLAS does (a GEMV for one row, a tile kernel for
-    2-16, the split-K kernel for 17-64 on the matrices `splitk_tiles` names); `PACKED_ROWS` rows
-    on CPU to oneDNN when the weight's `packed` copy is given; everything else to F.linear."""
+    where it reads the weights faster than cuBLAS does (a GEMV for one row; the split-K kernel
+    on the matrices `splitk_tiles` names, else the tile kernel for 2-16 rows); `PACKED_ROWS`
+    rows on CPU to oneDNN when the weight's `packed` copy is given; everything else to
+    F.linear."""
     if packed is not None and x.shape[0] in PACKED_ROWS:
         return packed_linear(x, packed, bias)
     if fused is not None and x.is_cuda and fused.skinny_fits(x, weight):
         rows = x.shape[0]
         if rows == 1:
             return fused.gemv(x, weight, bias)
-        if rows <= fused.SKINNY_MAX_ROWS:
-            return fused.skinny_linear(x, weight, bias)
         tiles = fused.splitk_tiles(rows, *weight.shape)
         if tiles is not None:
             return fused.splitk_linear(x, weight, bias, *tiles)
+        if rows <= fused.SKINNY_MAX_ROWS:
+            return fused.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
