@@ -88,6 +88,8 @@ class DecodeGraphs:
         self.kv_starts = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.kv_lens = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.cu_q_lens = torch.arange(max_rows + 1, dtype=torch.long, device=device)
+        # q's shape, what the decode launch depends on: sliced to a step's rows, never read
+        self.q_probe = pool.k.new_empty(max_rows, model.config.num_heads, model.config.head_dim)
         # (bucket, decode launch) -> the graph and its output
         self.graphs: dict[tuple[int, DecodeConfig], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.memory = torch.cuda.graph_pool_handle()
@@ -133,7 +135,7 @@ class DecodeGraphs:
         if n < rows:  # padding rows: no keys, nothing stored
             self.slots[n:rows].fill_(PAD_SLOT)
             self.kv_lens[n:rows].zero_()
-        config = graph_decode_config(self._probe(rows), self.attention.pool.k[0],
+        config = graph_decode_config(self.q_probe[:rows], self.attention.pool.k[0],
                                      max(batch.kv_lens_host))
         key = (rows, config)
         if key not in self.graphs:
@@ -147,15 +149,10 @@ class DecodeGraphs:
         """Capture the graph of every (bucket, decode launch) that a plain decode step with up
         to `max_kv` keys per row gets from the split rule now."""
         for rows in reversed(self.buckets):  # the largest first: it sizes the shared pool
-            for config in graph_decode_configs(self._probe(rows), self.attention.pool.k[0],
+            for config in graph_decode_configs(self.q_probe[:rows], self.attention.pool.k[0],
                                                max_kv):
                 if (rows, config) not in self.graphs:
                     self.graphs[rows, config] = self._capture(rows, config)
-
-    def _probe(self, rows: int) -> Tensor:
-        """A tensor of q's shape for `rows` rows: what the decode launch depends on."""
-        mc = self.model.config
-        return self.attention.pool.k.new_empty(rows, mc.num_heads, mc.head_dim)
 
     def _capture(self, rows: int, config: DecodeConfig) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         """Warm up (compiles kernels; writes this step's K/V, which the replay rewrites with the
