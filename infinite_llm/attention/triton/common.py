@@ -20,15 +20,14 @@ LOG2E = 1.4426950408889634
 
 
 # Programmatic dependent launch (Hopper and newer). A kernel launched with PDL is scheduled while
-# the kernel before it still runs, once that one has called `release_dependents` (at its start,
-# but decode at its end), and waits in `wait_for_inputs` until it has finished and its writes are
-# visible. A decode step is hundreds of short kernels, so the gaps between them are a real part
-# of it. The norms, RoPE, SiLU * up, the KV store and the linears (which read their first weight
-# tile before they wait, so the weight stream starts under the kernel before) are launched so.
-# Decode and merge are launched plainly: with PDL they ran a decode -> merge -> decode chain up
-# to 0.67x slower at 1K-32K x 1 on an H100, the waiting programs taking resident slots that
-# decode's grid was sized to fill (benchmarks/results/kernels_h100.txt, session 6 run A and
-# session 7 runs C-D). INFINITE_LLM_PDL=0 launches everything the plain way.
+# the kernel before it still runs, once that one has called `release_dependents` (at its start
+# here), and waits in `wait_for_inputs` until it has finished and its writes are visible. A decode
+# step is hundreds of short kernels, so the gaps between them are a real part of it. The norms,
+# RoPE, SiLU * up, the KV store and the one-row GEMV (which reads its first weight tile before it
+# waits, so the weight stream starts under the kernel before) are launched so. Decode and merge
+# only release: launched with PDL they ran a decode -> merge -> decode chain up to 0.67x slower
+# at 1K-32K x 1 on an H100 (benchmarks/results/kernels_h100.txt, session 6).
+# INFINITE_LLM_PDL=0 launches everything the plain way (benchmarks compare the two).
 PDL_ENABLED = os.environ.get("INFINITE_LLM_PDL", "1") != "0"
 
 

@@ -87,6 +87,7 @@ def _decode_kernel(
     PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    release_dependents(PDL)
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -129,10 +130,6 @@ def _decode_kernel(
                             stride_kt, stride_vb, stride_vt, PAGE, HEAD_DIM, BLOCK_D, True)
         m_i, l_i, acc = softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, True,
                                      PRECISION)
-    # Only now may a PDL-launched kernel after this one (a linear, with one split) be scheduled:
-    # released at the start, its waiting programs would take resident slots this grid was sized
-    # to fill, and push some of its own programs into a second round (kernels_h100.txt, run C).
-    release_dependents(PDL)
     out, lse = finish(m_i, l_i, acc)
     if num_splits == 1:
         tl.store(out_ptr + row_heads[:, None] * HEAD_DIM + offs_d[None, :],
