@@ -286,7 +286,8 @@ _COUNTERS: dict[torch.device, Tensor] = {}
 
 
 def _tile_counters(device: torch.device, tiles: int) -> Tensor:
-    """Zeroed int32 counters, one per output tile; every launch leaves them zero again."""
+    """Zeroed int32 counters, one per output tile; every launch leaves them zero again. Shared
+    by the device's split-K launches, which therefore run one at a time (one stream)."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < tiles:
         counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
@@ -299,8 +300,8 @@ def _splitk_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, str
                    stride_ym, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                    STAGES: tl.constexpr, PDL: tl.constexpr):
-    """y = x @ w.T (+ b): program (n tile, split) sums keys [split * K / SPLIT_K, ...) of
-    acc[BLOCK_N, BLOCK_M] = w_tile @ x_tile.T."""
+    """y = x @ w.T (+ b): program (n tile, split) sums acc[BLOCK_N, BLOCK_M] = w_tile @ x_tile.T
+    over its share of K, [split * K / SPLIT_K, (split + 1) * K / SPLIT_K)."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     k_per_split = K // SPLIT_K
