@@ -13,6 +13,11 @@ weights flush it in a real step). Prints the hardware, a table and the ratio cuB
 runs them: one CUDA graph of 32 layers' QKV, o_proj, gate/up and down (distinct weights, 14 GB)
 and the lm_head, cuBLAS against the Triton skinny GEMM (`fused.skinny_linear`) over a sweep of
 its tiles (block_n, block_k, stages, warps); median replay time.
+
+`--matrices 16,32,64` times each matrix on its own (its 32 distinct weights back to back in one
+CUDA graph, the lm_head once): cuBLAS against the split-K kernel (`fused.splitk_linear`) over a
+sweep of its tiles and split counts, and the tile kernel up to 16 rows; what `fused.splitk_tiles`
+was chosen from.
 """
 
 from __future__ import annotations
