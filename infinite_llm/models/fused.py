@@ -282,17 +282,17 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, block_n
 # SPLIT_K programs share a tile's K: each writes a float32 partial, and the last to finish (a
 # per-tile counter) sums them and writes y, then zeroes the counter for the next launch, so no
 # reduce kernel follows.
-_COUNTERS: dict[torch.device, Tensor] = {}
+_COUNTERS: dict[torch.device, list[Tensor]] = {}
 
 
-def _tile_counters(device: torch.device, tiles: int) -> Tensor:
-    """Zeroed int32 counters, one per output tile; every launch leaves them zero again. Shared
-    by the device's split-K launches, which therefore run one at a time (one stream)."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < tiles:
-        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
+def _tile_counters(device: torch.device, n: int) -> Tensor:
+    """At least `n` zeroed int32 counters, one per output tile; every launch leaves them zero
+    again. Shared by the device's split-K launches, which therefore run one at a time (one
+    stream). Buffers outgrown are kept: CUDA graphs captured with them still use them."""
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < n:
+        buffers.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 @triton.jit
@@ -373,8 +373,9 @@ def splitk_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, block_n
     block_m = max(16, _pow2(m))
     part = (x.new_empty(tiles * split_k * block_n * block_m, dtype=torch.float32)
             if split_k > 1 else y)
+    counters = _tile_counters(x.device, tiles) if split_k > 1 else y  # y: never touched
     _splitk_kernel[(tiles, split_k)](
-        x, weight, weight if bias is None else bias, y, part, _tile_counters(x.device, tiles),
+        x, weight, weight if bias is None else bias, y, part, counters,
         m, n, k, x.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, num_warps=warps,
         **pdl_args(x.device, launch=True))
