@@ -9,7 +9,8 @@ rounds runs nearly as long as 2. One split when rows x kv_heads already keep the
 more for long contexts of a few rows. Splits write fp32 partials that `merge_into` reduces
 exactly; with one split the kernel writes the final output directly. (Merging inside the kernel,
 by the last split to finish, measured slower on an H100, down to half the bandwidth at 4K x 1:
-the merges then run after the wave, one program per GQA group; results/kernels_h100.txt.)
+the merges then run after the wave, one program per GQA group; see
+benchmarks/results/kernels_h100.txt.)
 """
 
 from __future__ import annotations
