@@ -371,9 +371,11 @@ def splitk_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, block_n
     y = x.new_empty(m, n)
     tiles = triton.cdiv(n, block_n)
     block_m = max(16, _pow2(m))
-    part = (x.new_empty(tiles * split_k * block_n * block_m, dtype=torch.float32)
-            if split_k > 1 else y)
-    counters = _tile_counters(x.device, tiles) if split_k > 1 else y  # y: never touched
+    if split_k > 1:
+        part = x.new_empty(tiles * split_k * block_n * block_m, dtype=torch.float32)
+        counters = _tile_counters(x.device, tiles)
+    else:
+        part = counters = y  # placeholders, never touched
     _splitk_kernel[(tiles, split_k)](
         x, weight, weight if bias is None else bias, y, part, counters,
         m, n, k, x.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
