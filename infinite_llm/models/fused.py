@@ -181,21 +181,42 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 SKINNY_MAX_ROWS = 16
 SPLITK_MAX_ROWS = 64
 _GEMV_BLOCK_K = 512
+# Bytes of its weight slice each program asks L2 for before it waits for x (`_prefetch_rows`).
+# The best of 32-128 KB in an H100's decode steps (benchmarks/results/decode_e2e_h100.txt, run
+# 37): 64 KB for the tensor-core kernels, 32 KB for the GEMV (64 KB slowed batch 1 there).
+_PREFETCH_BYTES = 65536
+_GEMV_PREFETCH_BYTES = 32768
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, offs_n, N, K, k_start, NUM_K: tl.constexpr):
+    """Ask L2 for elements [k_start, k_start + NUM_K) of the 16-bit weight rows `offs_n`, one
+    128-byte line at a time, holding no registers. A program calls it before
+    `wait_for_inputs`: with PDL it runs while the short kernel before (a norm, RoPE, the merge,
+    SiLU * up) still has the GPU, whose DRAM would otherwise idle then. Rows and columns are
+    clamped into the matrix (the lines past a split's share are read by its neighbour)."""
+    lines = tl.arange(0, NUM_K // 64) * 64
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    ptrs = w_ptr + rows[:, None] * K + tl.minimum(k_start + lines, K - 64)[None, :]
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PREFETCH_K: tl.constexpr, PDL: tl.constexpr):
     """y[n] = sum_k x[k] * w[n, k] (+ b[n]), products summed in float32.
 
-    The first weight tile is read before `wait_for_inputs`: no kernel writes weights, so with PDL
-    that read overlaps the end of the kernel that produces x."""
+    The first weight tile is read, and the next PREFETCH_K columns asked of L2, before
+    `wait_for_inputs`: no kernel writes weights, so with PDL that read overlaps the end of the
+    kernel that produces x."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None], other=0.0,
                 eviction_policy="evict_first")
+    _prefetch_rows(w_ptr, offs_n, N, K, BLOCK_K, PREFETCH_K)
     wait_for_inputs(PDL)
     acc = w.to(tl.float32) * tl.load(x_ptr + offs_k).to(tl.float32)[None, :]
     for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
@@ -227,6 +248,7 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     _gemv_kernel[(triton.cdiv(n, 16),)](x, weight, weight if bias is None else bias, y, n, k,
                                         HAS_BIAS=bias is not None, BLOCK_N=16,
                                         BLOCK_K=_GEMV_BLOCK_K, STAGES=4, num_warps=8,
+                                        PREFETCH_K=_GEMV_PREFETCH_BYTES // (16 * 2),
                                         **pdl_args(x.device, launch=True))
     return y
 
@@ -234,10 +256,12 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PREFETCH_K: tl.constexpr,
+                   PDL: tl.constexpr):
     """y = x @ w.T (+ b) for up to BLOCK_M rows on tensor cores, accumulated in float32: each
-    program streams BLOCK_N whole weight rows (the first tile before `wait_for_inputs`, as the
-    GEMV does); x, a few hundred KB, stays in L2."""
+    program streams BLOCK_N whole weight rows (the first tile read and the next PREFETCH_K
+    columns asked of L2 before `wait_for_inputs`, as the GEMV does); x, a few hundred KB, stays
+    in L2."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -245,6 +269,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     n_mask = offs_n < N
     w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None], other=0.0,
                 eviction_policy="evict_first")
+    _prefetch_rows(w_ptr, offs_n, N, K, BLOCK_K, PREFETCH_K)
     wait_for_inputs(PDL)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None],
                 other=0.0)
@@ -272,7 +297,8 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, block_n
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-        STAGES=stages, num_warps=warps, **pdl_args(x.device, launch=True))
+        STAGES=stages, PREFETCH_K=_PREFETCH_BYTES // (block_n * 2), num_warps=warps,
+        **pdl_args(x.device, launch=True))
     return y
 
 
@@ -299,7 +325,7 @@ def _tile_counters(device: torch.device, n: int) -> Tensor:
 def _splitk_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm,
                    stride_ym, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                   STAGES: tl.constexpr, PDL: tl.constexpr):
+                   STAGES: tl.constexpr, PREFETCH_K: tl.constexpr, PDL: tl.constexpr):
     """y = x @ w.T (+ b): program (n tile, split) sums acc[BLOCK_N, BLOCK_M] = w_tile @ x_tile.T
     over its share of K, [split * K / SPLIT_K, (split + 1) * K / SPLIT_K)."""
     tile = tl.program_id(0)
@@ -314,6 +340,7 @@ def _splitk_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, str
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K
     w = tl.load(w_rows + k_lo + offs_k[None, :], mask=n_mask[:, None], other=0.0,
                 eviction_policy="evict_first")
+    _prefetch_rows(w_ptr, offs_n, N, K, k_lo + BLOCK_K, PREFETCH_K)
     wait_for_inputs(PDL)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_lo + offs_k[None, :],
                 mask=m_mask[:, None], other=0.0)
@@ -379,6 +406,7 @@ def splitk_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, block_n
     _splitk_kernel[(tiles, split_k)](
         x, weight, weight if bias is None else bias, y, part, counters,
         m, n, k, x.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
+        PREFETCH_K=_PREFETCH_BYTES // (block_n * 2), num_warps=warps,
         **pdl_args(x.device, launch=True))
     return y

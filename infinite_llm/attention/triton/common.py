@@ -23,11 +23,12 @@ LOG2E = 1.4426950408889634
 # the kernel before it still runs, once that one has called `release_dependents` (at its start
 # here), and waits in `wait_for_inputs` until it has finished and its writes are visible. A decode
 # step is hundreds of short kernels, so the gaps between them are a real part of it. The norms,
-# RoPE, SiLU * up, the KV store and the one-row GEMV (which reads its first weight tile before it
-# waits, so the weight stream starts under the kernel before) are launched so. Decode and merge
-# only release: launched with PDL they ran a decode -> merge -> decode chain up to 0.67x slower
-# at 1K-32K x 1 on an H100; decode alone launched so gained at batch 1, lost up to 7% at batch 8
-# and left the engine's steps level (benchmarks/results/kernels_h100.txt, sessions 6 and 8).
+# RoPE, SiLU * up, the KV store and the decode-sized linears (which read their first weight tile
+# and ask L2 for more before they wait, so the weight stream starts under the kernel before) are
+# launched so. Decode and merge only release: launched with PDL they ran a decode -> merge ->
+# decode chain up to 0.67x slower at 1K-32K x 1 on an H100; decode alone launched so gained at
+# batch 1, lost up to 7% at batch 8 and left the engine's steps level
+# (benchmarks/results/kernels_h100.txt, sessions 6 and 8).
 # INFINITE_LLM_PDL=0 launches everything the plain way (benchmarks compare the two).
 PDL_ENABLED = os.environ.get("INFINITE_LLM_PDL", "1") != "0"
 
