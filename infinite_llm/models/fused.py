@@ -183,7 +183,8 @@ SPLITK_MAX_ROWS = 64
 _GEMV_BLOCK_K = 512
 # Bytes of its weight slice each program asks L2 for before it waits for x (`_prefetch_rows`).
 # The best of 32-128 KB in an H100's decode steps (benchmarks/results/decode_e2e_h100.txt, run
-# 37): 64 KB for the tensor-core kernels, 32 KB for the GEMV (64 KB slowed batch 1 there).
+# 38: b1 and b16 1K 0.5% and 0.8% faster, b64 level): 64 KB for the tensor-core kernels, 32 KB
+# for the GEMV (64 KB slowed batch 1 there).
 _PREFETCH_BYTES = 65536
 _GEMV_PREFETCH_BYTES = 32768
 
