@@ -9,7 +9,7 @@ ratios, and for how many of the batch-1 prompts each engine's greedy tokens equa
 (unpadded: the exact reference).
 
 Threads: HF runs on torch's default thread count. On CPU the engine picks one thread or the
-default count for each size of step by timing them (`infinite_llm/engine/threads.py`), and each
+default count for each size of step by timing them (`infinite_llm/worker/threads.py`), and each
 row says how many of its steps ran on each count;
 so that no ratio is read as coming from that policy alone, HF is also measured on one thread at
 each batch size.
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from infinite_llm import LLM, SamplingParams
-from infinite_llm.engine.threads import StepThreads
+from infinite_llm.worker.threads import StepThreads
 from infinite_llm.models.llama import Linear, LlamaForCausalLM, pack_weight, packed_linear
 from infinite_llm.models.loader import load_model, resolve_model
 

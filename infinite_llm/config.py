@@ -1,13 +1,17 @@
 """Configuration dataclasses, validated once when they are built.
 
 A part takes the config it needs (the model needs `ModelConfig`, the pool needs `CacheConfig`),
-never one object that carries everything.
+never one object that carries everything. `EngineConfig` is the four parts a user sets (model
+loading, cache, scheduler, cluster); `LLM(model, **options)`, the CLI flags and the server's flags
+all name the parts' fields flat (`block_size`, `max_num_seqs`, ...), as vLLM's do, and each
+field's `help` is its flag's help.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -117,80 +121,48 @@ LOAD_FORMATS = ("auto", "dummy")  # read the safetensors; or seeded random weigh
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field whose flag and docs say `help` (and `choices`)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _check_ints(config: Any, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """From Python a count may come as 2.5, "2" or None; checked here, not as a TypeError deep
+    inside the start (num_instances=2.5 reached `range` when spawning workers)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """What a user may set on `LLM(...)`; every field is checked in `__post_init__`.
+class LoadConfig:
+    """The model part: which model, how its weights load, where and in what dtype it runs."""
 
-    `num_instances` ranks each hold a KV pool; `kv_mode` "pooled" lets a request's KV spread over
-    them, "static" keeps every request on its owner (independent replicas). A worker that does not
-    answer within `worker_timeout_s` fails the engine with an error instead of a hang.
-    `num_kv_blocks` is per instance; when None the pool takes `kv_cache_fraction` of the device's
-    memory (GPU: 0.9 of the memory free after the weights; CPU: 0.02 of the machine's RAM).
-    `load_format` "dummy" fills the weights with seeded random values instead of reading them, so
-    the model folder needs only config.json (benchmarks; vLLM's `load_format="dummy"`).
-    On CUDA, plain decode steps replay CUDA graphs unless `enforce_eager` (vLLM's name); with
-    `async_scheduling` (vLLM's name) and one instance, the next decode step is queued on the GPU
-    before this step's tokens reach the host, so the host's work between steps overlaps the GPU's.
-    `data_backend` carries the instances' tensors: "auto" is NCCL on CUDA and gloo on CPU; "gloo"
-    on CUDA lets several instances share one GPU (NCCL refuses that), for tests.
-    """
-
-    model: str | None = None
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_fraction: float | None = None
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 128
-    max_model_len: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    num_instances: int = 1
-    kv_mode: str = "pooled"
-    worker_timeout_s: float = 300.0
-    load_format: str = "auto"
-    enforce_eager: bool = False
-    async_scheduling: bool = True
-    data_backend: str = "auto"
+    model: str | None = _option(None, "a Hugging Face folder or a .gguf file (default: the "
+                                "bundled SmolLM2-135M-Instruct)")
+    dtype: str = _option("auto", "weights and KV dtype; auto = float32 on CPU, bfloat16 on GPU",
+                         ("auto", *_DTYPES))
+    device: str = _option("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = _option(0, "seed of the dummy weights and of requests without their own seed")
+    load_format: str = _option("auto", "auto reads the weights; dummy fills them with seeded "
+                               "random values (only config.json needed)", LOAD_FORMATS)
+    max_model_len: int | None = _option(None, "longest prompt + output (default: the model's "
+                                        "limit, capped by what the KV cache holds)")
 
     def __post_init__(self) -> None:
-        # From Python a count may come as 2.5, "2" or None; checked here, not as a TypeError
-        # deep inside the start (num_instances=2.5 reached `range` when spawning workers).
-        for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs",
-                     "max_model_len", "seed", "num_instances"):
-            value = getattr(self, name)
-            if value is None and name in ("num_kv_blocks", "max_model_len"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ConfigError(f"{name} must be an integer, got {value!r}")
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ConfigError(f"block_size must be a power of two >= 1, got {self.block_size}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.kv_cache_fraction is not None and not 0.0 < self.kv_cache_fraction < 1.0:
-            raise ConfigError(f"kv_cache_fraction must be in (0, 1), got {self.kv_cache_fraction}")
-        if self.max_num_batched_tokens < 1:
-            raise ConfigError("max_num_batched_tokens must be >= 1")
-        if self.max_num_seqs < 1:
-            raise ConfigError("max_num_seqs must be >= 1")
+        _check_ints(self, ("seed", "max_model_len"), optional=("max_model_len",))
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len must be >= 1")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(
                 f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
             )
-        if self.num_instances < 1:
-            raise ConfigError(f"num_instances must be >= 1, got {self.num_instances}")
-        if self.kv_mode not in ("pooled", "static"):
-            raise ConfigError(f"kv_mode must be 'pooled' or 'static', got {self.kv_mode!r}")
-        if not self.worker_timeout_s > 0:
-            raise ConfigError("worker_timeout_s must be > 0")
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError(
                 f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        if self.data_backend not in ("auto", "nccl", "gloo"):
-            raise ConfigError(
-                f"data_backend must be 'auto', 'nccl' or 'gloo', got {self.data_backend!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         # Here rather than at first use, where a missing GPU is a ZeroDivisionError or NCCL's
@@ -199,8 +171,6 @@ class EngineConfig:
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ConfigError(f"device {self.device!r} is not available: torch sees "
                               f"{torch.cuda.device_count()} CUDA device(s) here")
-        if self.data_backend == "nccl" and device.type != "cuda":
-            raise ConfigError("data_backend 'nccl' needs device 'cuda'; on CPU use 'gloo'")
 
     @property
     def torch_device(self) -> torch.device:
@@ -209,14 +179,125 @@ class EngineConfig:
         return torch.device(self.device)
 
     @property
-    def torch_data_backend(self) -> str:
-        if self.data_backend == "auto":
-            return "nccl" if self.torch_device.type == "cuda" else "gloo"
-        return self.data_backend
-
-    @property
     def torch_dtype(self) -> torch.dtype:
         """float32 on CPU (bf16 matmuls are slow there), bfloat16 on GPU, unless set."""
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return _DTYPES[self.dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The KV cache of each instance: block size and pool size."""
+
+    block_size: int = _option(16, "tokens per KV block (a power of two)")
+    num_kv_blocks: int | None = _option(None, "KV blocks per instance (default: "
+                                        "kv_cache_fraction of the memory)")
+    kv_cache_fraction: float | None = _option(None, "share of memory for the KV pool: of the "
+                                              "GPU memory free after the weights (0.9), or of "
+                                              "RAM on CPU (0.02)")
+
+    def __post_init__(self) -> None:
+        _check_ints(self, ("block_size", "num_kv_blocks"), optional=("num_kv_blocks",))
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_fraction is not None and not 0.0 < self.kv_cache_fraction < 1.0:
+            raise ConfigError(f"kv_cache_fraction must be in (0, 1), got {self.kv_cache_fraction}")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """How each instance batches and runs its steps."""
+
+    max_num_batched_tokens: int = _option(2048, "token budget of one step (decodes first, "
+                                          "then prefill chunks)")
+    max_num_seqs: int = _option(128, "most requests running at once per instance")
+    enforce_eager: bool = _option(False, "on CUDA, run every step eagerly (no CUDA graphs)")
+    async_scheduling: bool = _option(True, "on CUDA with one instance, queue the next decode "
+                                     "step before this step's tokens reach the host")
+
+    def __post_init__(self) -> None:
+        _check_ints(self, ("max_num_batched_tokens", "max_num_seqs"))
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """The instances and how their KV is pooled. `kv_mode` "pooled" lets a request's KV spread
+    over the instances, "static" keeps every request on its owner (independent replicas). A
+    worker that does not answer within `worker_timeout_s` fails the engine with an error
+    instead of a hang. `data_backend` carries the instances' tensors: "auto" is NCCL on CUDA
+    and gloo on CPU; "gloo" on CUDA lets several instances share one GPU (NCCL refuses that)."""
+
+    num_instances: int = _option(1, "instances (ranks), each with its own KV pool")
+    kv_mode: str = _option("pooled", "pooled: a request's KV may spread over instances; "
+                           "static: each request stays on its owner", ("pooled", "static"))
+    worker_timeout_s: float = _option(300.0, "seconds a worker may stay silent before the "
+                                      "engine fails with WorkerError")
+    data_backend: str = _option("auto", "torch.distributed backend of the tensors",
+                                ("auto", "nccl", "gloo"))
+
+    def __post_init__(self) -> None:
+        _check_ints(self, ("num_instances",))
+        if self.num_instances < 1:
+            raise ConfigError(f"num_instances must be >= 1, got {self.num_instances}")
+        if self.kv_mode not in ("pooled", "static"):
+            raise ConfigError(f"kv_mode must be 'pooled' or 'static', got {self.kv_mode!r}")
+        if not self.worker_timeout_s > 0:
+            raise ConfigError("worker_timeout_s must be > 0")
+        if self.data_backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(
+                f"data_backend must be 'auto', 'nccl' or 'gloo', got {self.data_backend!r}")
+
+
+_PARTS = {"load": LoadConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+          "cluster": ClusterConfig}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What a user may set on `LLM(...)`, in four parts; each part checks its own fields and
+    this checks what spans two parts."""
+
+    load: LoadConfig = field(default_factory=LoadConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if self.cluster.data_backend == "nccl" and self.load.torch_device.type != "cuda":
+            raise ConfigError("data_backend 'nccl' needs device 'cuda'; on CPU use 'gloo'")
+
+    @staticmethod
+    def option_fields() -> list[dataclasses.Field]:
+        """Every option a user sets, across the parts (names are unique across them)."""
+        return [f for part in _PARTS.values() for f in dataclasses.fields(part)]
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """The config from flat options (`block_size=32, num_instances=2, ...`), with a clear
+        error for an unknown one."""
+        known = {f.name for f in cls.option_fields()}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine options {unknown}; known: {sorted(known)}")
+        return cls(**{
+            name: part(**{f.name: options[f.name] for f in dataclasses.fields(part)
+                          if f.name in options})
+            for name, part in _PARTS.items()})
+
+    def options(self) -> dict[str, Any]:
+        """The flat options this config was made from (`from_options(**c.options()) == c`)."""
+        return {f.name: getattr(getattr(self, name), f.name)
+                for name, part in _PARTS.items() for f in dataclasses.fields(part)}
+
+    @property
+    def torch_data_backend(self) -> str:
+        if self.cluster.data_backend == "auto":
+            return "nccl" if self.load.torch_device.type == "cuda" else "gloo"
+        return self.cluster.data_backend

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from infinite_llm import LLM, ConfigError, SamplingParams
-from infinite_llm.cluster.comm import WorkerError
+from infinite_llm.comm import WorkerError
 from infinite_llm.cluster.gmanager import Migration, Plan
 from infinite_llm.engine.engine import MigrationError, RequestError
 

@@ -17,7 +17,7 @@ from infinite_llm import (  # the README's error types, from the package itself
     SamplingParams,
     SamplingParamsError,
 )
-from infinite_llm.engine.cuda_graphs import Ahead
+from infinite_llm.worker.cuda_graphs import Ahead
 from infinite_llm.request import Request
 
 NEW_TOKENS = 32

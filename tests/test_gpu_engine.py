@@ -24,7 +24,7 @@ from infinite_llm.attention import PAD_SLOT, reference
 from infinite_llm.attention import triton as kernels
 from infinite_llm.attention.reference import PagedBatch
 from infinite_llm.config import RopeScaling
-from infinite_llm.engine.cuda_graphs import buckets
+from infinite_llm.worker.cuda_graphs import buckets
 from infinite_llm.models import fused, llama
 from infinite_llm.models.llama import RMSNorm
 from infinite_llm.models.rope import RotaryEmbedding

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from infinite_llm.engine import threads as threads_module
-from infinite_llm.engine.threads import StepThreads
+from infinite_llm.worker.threads import StepThreads
 
 
 class _Clock:

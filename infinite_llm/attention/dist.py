@@ -25,7 +25,7 @@ from torch import Tensor
 
 from infinite_llm.attention import AttentionOps, attention_ops
 from infinite_llm.attention.reference import PagedBatch
-from infinite_llm.cluster.comm import Cluster
+from infinite_llm.comm import Cluster
 from infinite_llm.cluster.messages import ExchangeSummary, RemoteRow
 from infinite_llm.kvcache.pool import KVPool
 from infinite_llm.kvcache.rmanager import RManager

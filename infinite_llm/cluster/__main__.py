@@ -7,7 +7,7 @@ import json
 import logging
 import os
 
-from infinite_llm.cluster.worker import serve_worker
+from infinite_llm.cluster.driver import serve_worker
 from infinite_llm.config import EngineConfig
 
 if __name__ == "__main__":

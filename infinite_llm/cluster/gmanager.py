@@ -48,9 +48,8 @@ preempts the oldest request, so it holds what it gets and finishes; then the nex
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,17 +390,3 @@ def _merge(leases: list[Lease]) -> tuple[Lease, ...]:
         blocks[key] = blocks.get(key, 0) + lease.num_blocks
     return tuple(Lease(d, c, n) for (d, c), n in blocks.items())
 
-
-class _Identified(Protocol):
-    request_id: str
-
-
-_R = TypeVar("_R", bound=_Identified)
-
-
-def senior_first(requests: Iterable[_R], senior: str | None) -> list[_R]:
-    """The requests with the cluster's senior one (if among them) moved to the front, the rest
-    in order: how the engine's scheduler and the lockstep simulator serve seniority."""
-    requests = list(requests)
-    head = [r for r in requests if r.request_id == senior]
-    return head + [r for r in requests if r.request_id != senior] if head else requests

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from infinite_llm.cluster.gmanager import Heartbeat, Lease, Migration
-from infinite_llm.engine.output import RequestDelta
+from infinite_llm.outputs import RequestDelta
 from infinite_llm.kvcache.rmanager import CreditorUpdate
 from infinite_llm.sampling import SamplingParams
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infinite_llm.engine.engine import LLMEngine
-from infinite_llm.engine.output import Logprobs, RequestOutput
+from infinite_llm.outputs import Logprobs, RequestOutput
 from infinite_llm.metrics import EngineMetrics
 from infinite_llm.sampling import SamplingParams
 

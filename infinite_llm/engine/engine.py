@@ -20,7 +20,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from infinite_llm.cluster.comm import Cluster, WorkerError, init_cluster, spawn_workers
+from infinite_llm.comm import Cluster, WorkerError, init_cluster, spawn_workers
 from infinite_llm.cluster.gmanager import (
     GManager,
     GManagerConfig,
@@ -29,11 +29,11 @@ from infinite_llm.cluster.gmanager import (
     Migration,
     NewRequest,
 )
-from infinite_llm.cluster.instance import build_instance
+from infinite_llm.worker.instance import build_instance
 from infinite_llm.cluster.messages import AssignedRequest, CreditorNotice, StepPlan, StepReport
-from infinite_llm.cluster.worker import serve_worker
+from infinite_llm.cluster.driver import serve_worker
 from infinite_llm.config import ConfigError, EngineConfig
-from infinite_llm.engine.output import CompletionOutput, RequestDelta, RequestOutput
+from infinite_llm.outputs import CompletionOutput, RequestDelta, RequestOutput
 from infinite_llm.kvcache.rmanager import KVStats
 from infinite_llm.request import FinishReason
 from infinite_llm.sampling import SamplingParams

@@ -15,7 +15,7 @@ import jinja2
 from tqdm import tqdm
 
 from infinite_llm.engine.engine import LLMEngine, RequestError, engine_config
-from infinite_llm.engine.output import RequestOutput
+from infinite_llm.outputs import RequestOutput
 from infinite_llm.kvcache.rmanager import KVStats
 from infinite_llm.sampling import SamplingParams, SamplingParamsError
 

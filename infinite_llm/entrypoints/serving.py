@@ -33,7 +33,7 @@ from infinite_llm.engine.async_engine import (
     StreamDelta,
 )
 from infinite_llm.engine.engine import RequestError, check_unicode
-from infinite_llm.engine.output import Logprobs
+from infinite_llm.outputs import Logprobs
 from infinite_llm.entrypoints.api import apply_chat_template
 from infinite_llm.entrypoints.protocol import (
     APIError,

@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"tokens, {a.max_seqs} seqs; plan every {a.plan_interval * 1e3:.0f} ms")
     engine_rules = {}
     if a.lockstep:  # the gManager and stall limit as the engine sets them
-        from infinite_llm.engine.scheduler import MAX_STALLED_STEPS
+        from infinite_llm.worker.scheduler import MAX_STALLED_STEPS
 
         engine_rules = dict(efficient_batch_tokens=a.max_batched_tokens, reserve_blocks=0,
                             max_stall_steps=MAX_STALLED_STEPS)

@@ -3,7 +3,7 @@
 `cluster.Simulator` lets each instance step at its own pace, plans on a timer, and admits a
 request only when blocks for its whole prompt are free. The engine (ARCHITECTURE.md, "One engine
 step") instead plans before every step, steps all instances together, and its scheduler
-(`infinite_llm.engine.scheduler`) reserves blocks one chunk at a time: a request is admitted when
+(`infinite_llm.worker.scheduler`) reserves blocks one chunk at a time: a request is admitted when
 its whole remaining prompt fits beside the running requests' headroom, the cluster's oldest
 request goes first, a running request that finds no block waits up to `MAX_STALLED_STEPS`
 steps for a lease while some instance has free blocks, and otherwise the newest running request
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 
 class EngineLikeInstance(SimInstance):
-    """`SimInstance` with `infinite_llm.engine.scheduler.Scheduler.schedule`'s rules
+    """`SimInstance` with `infinite_llm.worker.scheduler.Scheduler.schedule`'s rules
     (`max_stall_steps` plays the engine's `MAX_STALLED_STEPS`): the senior request first and
     never self-preempted, admission only when the whole prompt and the running requests'
     headroom fit. As in the engine, preemption resets a request's count of stalled steps
@@ -212,7 +212,7 @@ def engine_sim_config(config: EngineConfig, cost: CostModel) -> SimConfig:
     budgets, the gManager as the engine builds it (an instance lends while its batch is below
     the token budget; no reserve; on CPU, leases only to instances with nothing running) and
     the scheduler's stall limit."""
-    from infinite_llm.engine.scheduler import MAX_STALLED_STEPS
+    from infinite_llm.worker.scheduler import MAX_STALLED_STEPS
 
     if config.num_kv_blocks is None:
         raise ValueError("set num_kv_blocks: the simulator needs the pool size")

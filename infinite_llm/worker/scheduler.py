@@ -12,41 +12,75 @@ seats remain, and only while the blocks this instance can take now (free and lea
 newcomer's whole remaining prompt, the unheld rest of running prefills and one block of decode
 growth per running request (the headroom vLLM keeps with its watermark): a request admitted on
 its first chunk alone would be preempted a few chunks later, its work thrown away.
-The scheduler moves requests between queues; the rManager owns their blocks.
+The scheduler moves requests between queues; the block allocator (`RManager`, or the
+simulator's ledger) owns their blocks.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from infinite_llm.cluster.gmanager import senior_first
-from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.kvcache.allocator import BlockAllocator
 from infinite_llm.request import Request, RequestStatus
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ScheduledBatch:
-    """Requests to run this step and how many of each one's uncomputed tokens to compute."""
+    """One step's work: request i computes its tokens `starts[i] .. starts[i] + num_tokens[i] - 1`
+    and, when that reaches its last token (`samples[i]`), samples the next one. A value: the
+    counters it was built from may move on (the instance advances them after the forward), the
+    batch keeps what the step was."""
 
-    requests: list[Request] = field(default_factory=list)
-    num_tokens: list[int] = field(default_factory=list)
+    requests: tuple[Request, ...] = ()
+    starts: tuple[int, ...] = ()
+    num_tokens: tuple[int, ...] = ()
+    samples: tuple[bool, ...] = ()
+
+    @classmethod
+    def of(cls, requests: Iterable[Request], num_tokens: Iterable[int]) -> ScheduledBatch:
+        """The batch in which each request computes its next `num_tokens` tokens from where it
+        stands now."""
+        requests, num_tokens = tuple(requests), tuple(num_tokens)
+        return cls(requests, tuple(r.num_computed_tokens for r in requests), num_tokens,
+                   tuple(r.num_computed_tokens + n == r.num_tokens
+                         for r, n in zip(requests, num_tokens)))
 
     @property
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
 
-    def add(self, request: Request, num_tokens: int) -> None:
-        self.requests.append(request)
-        self.num_tokens.append(num_tokens)
+    @property
+    def sampling(self) -> tuple[Request, ...]:
+        """The requests that sample this step, in batch order."""
+        return tuple(r for r, s in zip(self.requests, self.samples) if s)
+
+    def is_decode_of(self, other: ScheduledBatch) -> bool:
+        """Whether this batch is exactly `other`'s requests (in any order) each computing one
+        token at the position `other` computes it: the check that a step queued ahead is the
+        step the scheduler chose."""
+        if len(self.requests) != len(other.requests) or any(n != 1 for n in self.num_tokens):
+            return False
+        at = {id(r): s for r, s in zip(other.requests, other.starts)}
+        return all(at.get(id(r)) == s for r, s in zip(self.requests, self.starts))
+
+
+def senior_first(requests: Iterable[Request], senior: str | None) -> list[Request]:
+    """The requests with the cluster's senior one (if among them) moved to the front, the rest
+    in order."""
+    requests = list(requests)
+    head = [r for r in requests if r.request_id == senior]
+    return head + [r for r in requests if r.request_id != senior] if head else requests
 
 
 MAX_STALLED_STEPS = 4
 
 
 class Scheduler:
-    def __init__(self, rmanager: RManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
-        self.rmanager = rmanager
+    def __init__(self, allocator: BlockAllocator, max_num_batched_tokens: int,
+                 max_num_seqs: int) -> None:
+        self.allocator = allocator
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
@@ -67,7 +101,8 @@ class Scheduler:
         instance's heartbeat instead of preempting anyone, for at most MAX_STALLED_STEPS steps
         in a row (the gManager may keep the blocks for their owner's own queue). The `senior`
         request (by id) goes first and waits as long as it takes."""
-        batch = ScheduledBatch()
+        requests: list[Request] = []
+        num_tokens: list[int] = []
         budget = self.max_num_batched_tokens
         self.num_stalled = 0
         preempted = False
@@ -76,7 +111,7 @@ class Scheduler:
         while queue and budget > 0:
             request = queue.popleft()
             n = min(request.num_uncomputed_tokens, budget)
-            while not self.rmanager.reserve(request, n):
+            while not self.allocator.reserve(request, n):
                 waits = can_borrow and request.num_stalled_steps < MAX_STALLED_STEPS
                 if waits or (request.request_id == senior and not queue):  # senior: no self-preempt
                     request.num_stalled_steps += 1
@@ -92,7 +127,8 @@ class Scheduler:
             else:
                 request.num_stalled_steps = 0
                 self.running.append(request)
-                batch.add(request, n)
+                requests.append(request)
+                num_tokens.append(n)
                 budget -= n
         self.running.extend(queue)  # not reached for budget: they keep their place
         self.waiting = deque(senior_first(self.waiting, senior))
@@ -103,26 +139,46 @@ class Scheduler:
             n = min(request.num_uncomputed_tokens, budget)
             if request.request_id != senior and not self._fits(request):
                 break
-            if not self.rmanager.reserve(request, n):
+            if not self.allocator.reserve(request, n):
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            batch.add(request, n)
+            requests.append(request)
+            num_tokens.append(n)
             budget -= n
-        return batch
+        return ScheduledBatch.of(requests, num_tokens)
+
+    def decode_ahead(self, batch: ScheduledBatch) -> ScheduledBatch | None:
+        """The step after `batch` if every request of it decodes on: each computes the token
+        `batch` sampled (on the device, not yet known to the host) at the position after
+        `batch`'s, its slot reserved now, as `schedule` would reserve it. Called once the
+        requests' counters have advanced past `batch`. None when the next `schedule` may pick
+        other work: a request waits for admission, a request of `batch` does not sample, or
+        the blocks run short. Async scheduling queues this step before `schedule` runs."""
+        if self.waiting or not batch.requests or not all(batch.samples):
+            return None
+        requests = batch.requests
+        if sum(self.allocator.blocks_needed(r, 1) for r in requests) \
+                > self.allocator.available_blocks():
+            return None
+        for request in requests:
+            self.allocator.reserve(request, 1)
+        n = len(requests)
+        return ScheduledBatch(requests, tuple(r.num_computed_tokens for r in requests),
+                              (1,) * n, (True,) * n)
 
     def _fits(self, request: Request) -> bool:
         """Whether the blocks this instance can take now cover the request's whole remaining
         prompt, what running requests still need for theirs, and a block per running request
         for its next decodes."""
-        rm = self.rmanager
-        committed = sum(rm.blocks_needed(r, r.num_uncomputed_tokens) + 1 for r in self.running)
-        return rm.blocks_needed(request, request.num_uncomputed_tokens) + committed \
-            <= rm.available_blocks()
+        blocks = self.allocator
+        committed = sum(blocks.blocks_needed(r, r.num_uncomputed_tokens) + 1 for r in self.running)
+        return blocks.blocks_needed(request, request.num_uncomputed_tokens) + committed \
+            <= blocks.available_blocks()
 
     def _preempt(self, request: Request) -> None:
-        self.rmanager.free(request)
+        self.allocator.free(request)
         request.reset_for_recompute()
         self.waiting.appendleft(request)
         self.num_preemptions += 1
@@ -133,4 +189,4 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.rmanager.free(request)
+        self.allocator.free(request)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from infinite_llm.cluster.comm import Cluster
+from infinite_llm.comm import Cluster
 from infinite_llm.cluster.gmanager import Migration
 from infinite_llm.kvcache.pool import KVPool
 from infinite_llm.kvcache.rmanager import RManager

@@ -19,15 +19,15 @@ import torch
 from torch import Tensor
 
 from infinite_llm.attention.dist import DistAttention, to_device
-from infinite_llm.cluster.comm import Cluster, rank_device
+from infinite_llm.comm import Cluster, rank_device
 from infinite_llm.cluster.gmanager import Heartbeat
 from infinite_llm.cluster.messages import CreditorNotice, StepPlan, StepReport
-from infinite_llm.cluster.migration import migrate
+from infinite_llm.worker.migration import migrate
 from infinite_llm.config import ConfigError, EngineConfig
-from infinite_llm.engine.cuda_graphs import Ahead, DecodeGraphs
-from infinite_llm.engine.output import Detokenizer, RequestDelta
-from infinite_llm.engine.scheduler import ScheduledBatch, Scheduler
-from infinite_llm.engine.threads import StepThreads
+from infinite_llm.worker.cuda_graphs import Ahead, DecodeGraphs
+from infinite_llm.outputs import Detokenizer, RequestDelta
+from infinite_llm.worker.scheduler import ScheduledBatch, Scheduler
+from infinite_llm.worker.threads import StepThreads
 from infinite_llm.kvcache.pool import KVPool
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.models.llama import LlamaForCausalLM

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from infinite_llm.cluster.comm import init_cluster
-from infinite_llm.cluster.instance import build_instance
+from infinite_llm.comm import init_cluster
+from infinite_llm.worker.instance import build_instance
 from infinite_llm.config import EngineConfig
 
 
