@@ -1,14 +1,13 @@
 """Process groups of the cluster and the collectives the step protocol uses.
 
 Ranks are instances. Control messages (typed dataclasses) travel as pickled objects over a gloo
-group; tensors travel over the data group (`EngineConfig.data_backend`: NCCL on GPU, gloo on
+group; tensors travel over the data group (`ClusterConfig.data_backend`: NCCL on GPU, gloo on
 CPU). On one machine the driver
 starts the other ranks itself; under `torchrun` every rank is started by torchrun.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -91,7 +90,7 @@ def spawn_workers(world_size: int, config: Any) -> list[subprocess.Popen]:
     port of 127.0.0.1."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
-    payload = json.dumps({"config": dataclasses.asdict(config)})
+    payload = json.dumps({"config": config.options()})
     procs = []
     for rank in range(1, world_size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),

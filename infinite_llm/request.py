@@ -1,4 +1,5 @@
-"""A request as its owner instance sees it: tokens, progress, sampling state and KV segments.
+"""A request as its owner instance sees it (tokens, progress, sampling state, KV segments), and
+the batch of requests one step computes.
 
 The request owns its counters. `num_computed_tokens` says how many of `token_ids` have their K/V in
 the cache; a step computes the next chunk of them, and once all are computed the step samples one
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -110,3 +112,44 @@ class Request:
         self.num_stalled_steps = 0
         self.num_preemptions += 1
         self.status = RequestStatus.WAITING
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledBatch:
+    """One step's work: request i computes its tokens `starts[i] .. starts[i] + num_tokens[i] - 1`
+    and, when that reaches its last token (`samples[i]`), samples the next one. A value: the
+    counters it was built from may move on (the instance advances them after the forward), the
+    batch keeps what the step was."""
+
+    requests: tuple[Request, ...] = ()
+    starts: tuple[int, ...] = ()
+    num_tokens: tuple[int, ...] = ()
+    samples: tuple[bool, ...] = ()
+
+    @classmethod
+    def of(cls, requests: Iterable[Request], num_tokens: Iterable[int]) -> ScheduledBatch:
+        """The batch in which each request computes its next `num_tokens` tokens from where it
+        stands now."""
+        requests, num_tokens = tuple(requests), tuple(num_tokens)
+        return cls(requests, tuple(r.num_computed_tokens for r in requests), num_tokens,
+                   tuple(r.num_computed_tokens + n == r.num_tokens
+                         for r, n in zip(requests, num_tokens)))
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    @property
+    def sampling(self) -> tuple[Request, ...]:
+        """The requests that sample this step, in batch order."""
+        return tuple(r for r, s in zip(self.requests, self.samples) if s)
+
+    def is_decode_of(self, other: ScheduledBatch) -> bool:
+        """Whether this batch is exactly `other`'s requests (in any order) each computing one
+        token at the position `other` computes it: the check that a step queued ahead is the
+        step the scheduler chose."""
+        if (len(self.requests) != len(other.requests) or any(n != 1 for n in self.num_tokens)
+                or not all(self.samples)):
+            return False
+        at = {id(r): s for r, s in zip(other.requests, other.starts)}
+        return all(at.get(id(r)) == s for r, s in zip(self.requests, self.starts))

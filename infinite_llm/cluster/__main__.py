@@ -13,5 +13,5 @@ from infinite_llm.config import EngineConfig
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     payload = json.loads(os.environ["INFINITE_LLM_WORKER"])
-    serve_worker(EngineConfig(**payload["config"]), int(os.environ["RANK"]),
+    serve_worker(EngineConfig.from_options(**payload["config"]), int(os.environ["RANK"]),
                  int(os.environ["WORLD_SIZE"]))

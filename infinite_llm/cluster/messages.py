@@ -1,12 +1,14 @@
-"""Typed control messages between instances (pickled over the gloo control group)."""
+"""Typed control messages between rank 0 and the instances (pickled over the gloo control
+group): the step's plan going out, each instance's report coming back. The per-layer exchange
+of a step carries tensors, laid out by `attention.layout`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from infinite_llm.cluster.gmanager import Heartbeat, Lease, Migration
-from infinite_llm.outputs import RequestDelta
 from infinite_llm.kvcache.rmanager import CreditorUpdate
+from infinite_llm.outputs import RequestDelta
 from infinite_llm.sampling import SamplingParams
 
 
@@ -51,23 +53,3 @@ class StepReport:
     heartbeat: Heartbeat
     notices: tuple[CreditorNotice, ...]  # for rank 0 to forward in the next plan
     num_preemptions: int  # since start
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteRow:
-    """One request's work on a creditor this step: its queries, and new KV written there."""
-
-    request_id: str
-    q_start: int  # absolute position of the first query
-    num_q: int
-    seg_start: int  # first position of the request's segment on the creditor
-    seg_blocks: int  # the segment's size after this step
-    kv_lo: int  # new K/V for positions kv_lo .. kv_hi - 1 are stored on the creditor
-    kv_hi: int
-
-
-@dataclass(frozen=True, slots=True)
-class ExchangeSummary:
-    """What one instance sends to each creditor this step (by creditor rank)."""
-
-    rows: dict[int, tuple[RemoteRow, ...]]

@@ -9,10 +9,11 @@ updated in one go after the data has arrived, so a step never sees half a move.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from infinite_llm.comm import Cluster
-from infinite_llm.cluster.gmanager import Migration
 from infinite_llm.kvcache.pool import KVPool
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.request import Request
@@ -20,7 +21,18 @@ from infinite_llm.request import Request
 Layout = tuple[tuple[int, int], ...]  # (start position, number of blocks) per segment
 
 
-def migrate(migrations: tuple[Migration, ...], requests: dict[str, Request], rmanager: RManager,
+class Move(Protocol):
+    """One migration as the gManager decides it (`cluster.gmanager.Migration`)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def source(self) -> int: ...
+    @property
+    def target(self) -> int: ...
+
+
+def migrate(migrations: tuple[Move, ...], requests: dict[str, Request], rmanager: RManager,
             pool: KVPool, cluster: Cluster) -> None:
     me = cluster.rank
     outgoing = [m for m in migrations if m.source == me and m.request_id in requests]

@@ -20,50 +20,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from infinite_llm.kvcache.allocator import BlockAllocator
-from infinite_llm.request import Request, RequestStatus
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduledBatch:
-    """One step's work: request i computes its tokens `starts[i] .. starts[i] + num_tokens[i] - 1`
-    and, when that reaches its last token (`samples[i]`), samples the next one. A value: the
-    counters it was built from may move on (the instance advances them after the forward), the
-    batch keeps what the step was."""
-
-    requests: tuple[Request, ...] = ()
-    starts: tuple[int, ...] = ()
-    num_tokens: tuple[int, ...] = ()
-    samples: tuple[bool, ...] = ()
-
-    @classmethod
-    def of(cls, requests: Iterable[Request], num_tokens: Iterable[int]) -> ScheduledBatch:
-        """The batch in which each request computes its next `num_tokens` tokens from where it
-        stands now."""
-        requests, num_tokens = tuple(requests), tuple(num_tokens)
-        return cls(requests, tuple(r.num_computed_tokens for r in requests), num_tokens,
-                   tuple(r.num_computed_tokens + n == r.num_tokens
-                         for r, n in zip(requests, num_tokens)))
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_tokens)
-
-    @property
-    def sampling(self) -> tuple[Request, ...]:
-        """The requests that sample this step, in batch order."""
-        return tuple(r for r, s in zip(self.requests, self.samples) if s)
-
-    def is_decode_of(self, other: ScheduledBatch) -> bool:
-        """Whether this batch is exactly `other`'s requests (in any order) each computing one
-        token at the position `other` computes it: the check that a step queued ahead is the
-        step the scheduler chose."""
-        if len(self.requests) != len(other.requests) or any(n != 1 for n in self.num_tokens):
-            return False
-        at = {id(r): s for r, s in zip(other.requests, other.starts)}
-        return all(at.get(id(r)) == s for r, s in zip(self.requests, self.starts))
+from infinite_llm.request import Request, RequestStatus, ScheduledBatch
 
 
 def senior_first(requests: Iterable[Request], senior: str | None) -> list[Request]:
