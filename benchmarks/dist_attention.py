@@ -11,6 +11,8 @@ tokens equal the first run's (the KV on fewer instances). CPU ranks talk over gl
     python benchmarks/dist_attention.py [--context 2048] [--steps 32] [--instances 1 2 4]
     python benchmarks/dist_attention.py --device cuda --model DIR --load-format dummy \
         --context 32768 --chunk 8192 --instances 1 2      # e.g. decode_e2e.py's Llama-3-8B shapes
+
+Results over time: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def main() -> None:
     if args.device == "cpu":  # one core per rank in every run (ranks > 1 set this themselves)
         torch.set_num_threads(1)
     mc = load_model_config(resolve_model(args.model))
-    elt = EngineConfig(device=args.device, dtype=args.dtype).torch_dtype.itemsize  # the KV's
+    load = EngineConfig.from_options(device=args.device, dtype=args.dtype).load
+    elt = load.torch_dtype.itemsize  # the KV's
     print(f"hardware: {hardware(args.device)}; torch {torch.__version__}; model "
           f"{args.model or 'SmolLM2-135M-Instruct'} ({mc.num_layers} layers, {mc.num_heads} q "
           f"heads, {mc.num_kv_heads} KV heads, head_dim {mc.head_dim}, {args.load_format} "

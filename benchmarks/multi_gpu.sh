@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Issue #8's runs on a machine with 2+ GPUs, one script so that one device call does them all:
+# The multi-GPU checks on a machine with 2+ GPUs, one script so that one call does them all:
 #   1. correctness over NCCL: the two-instance GPU test (a tiny Llama, KV split over 2 GPUs,
 #      tokens equal one instance's) and dist_attention.py's token check (Llama-3-8B shapes in
 #      float32: in bf16, random weights' near-tied logits flip when the KV is split);
-#   3. DistAttention overhead: decode step time with the KV split over 2 GPUs vs local, with CUDA
+#   2. DistAttention overhead: decode step time with the KV split over 2 GPUs vs local, with CUDA
 #      graphs for local steps (the engine's default) and with every step eager;
-#   4. pooled_vs_static.py on 2 GPUs (tiny model, the trace made for stranding).
+#   3. pooled_vs_static.py on 2 GPUs (tiny model, the trace made for stranding).
 # Each step has its own time limit, so one that hangs doesn't take the others with it.
 #
 #     bash benchmarks/multi_gpu.sh [CONTEXT]        # from the repository root; CONTEXT 120000
-# (below the model's 131072 positions). Results: benchmarks/results/multi_gpu_h200x2.txt.
+# (below the model's 131072 positions). Results: benchmarks/results/multi_gpu_h200x2.txt,
+# summarised in docs/benchmarks.md.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
