@@ -26,6 +26,9 @@ is: every request needs 53-65% of one instance, so a static instance holds one a
 Run (the tiny random Llama by default; `--model` for a real checkpoint):
 
     python benchmarks/pooled_vs_static.py --out benchmarks/results/pooled_vs_static_cpu.json
+
+Results over time, and what they decided (no lending to running instances on CPU):
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 
 from infinite_llm import LLM  # noqa: E402
 from infinite_llm.cluster.gmanager import GManager  # noqa: E402
-from infinite_llm.engine.engine import engine_config  # noqa: E402
+from infinite_llm.config import EngineConfig  # noqa: E402
 from infinite_llm.sim import trace as tr  # noqa: E402
 from infinite_llm.sim.calibrate import hardware_line  # noqa: E402
 from infinite_llm.sim.cost import DEFAULT_CALIBRATION, CostModel  # noqa: E402
@@ -152,7 +155,7 @@ def main() -> None:
     if a.calibration:
         cost = CostModel.from_json(a.calibration)
         for mode in a.modes:
-            cfg = engine_sim_config(engine_config(None, engine_options(a, mode)), cost)
+            cfg = engine_sim_config(EngineConfig.from_options(**engine_options(a, mode)), cost)
             cfg = replace(cfg, lend_to_running=cfg.lend_to_running or a.lend_to_running)
             sm = sim_metrics(simulate_lockstep(cfg, cost, trace))
             sim[mode] = asdict(sm)

@@ -1,5 +1,11 @@
 """What a request produces: per-step deltas from its owner, cumulative outputs for the user.
 
+A `RequestDelta` is the one shape of a result in flight: made by the owner instance, reported to
+the engine, handed to the Python API and (through the async engine) to the server, which writes
+each as an SSE chunk. Whoever wants the whole answer folds the deltas into a `RequestOutput` with
+`RequestOutput.apply`, the one place where deltas are accumulated (`LLMEngine.step` for
+`LLM.generate`; a server's `RequestStream` for its non-streaming responses and usage).
+
 Text is made on the owner by incremental detokenization, which also finds stop strings; text that
 could still turn into a stop string is held back, so a stream never shows part of one.
 """
@@ -16,7 +22,8 @@ Logprobs = dict[int, float]  # token id -> logprob, the top-n and the sampled to
 
 @dataclass(frozen=True, slots=True)
 class RequestDelta:
-    """What one step added to one request (sent from its owner instance to the frontend)."""
+    """What one step added to one request (sent from its owner instance to the frontend);
+    `finish_reason` is set on its last delta only. Immutable, so it may cross threads."""
 
     request_id: str
     token_ids: tuple[int, ...]
@@ -44,7 +51,15 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
 
+    @classmethod
+    def empty(cls, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+              logprobs: bool) -> RequestOutput:
+        """Before its first delta: no tokens, and `logprobs` a list only when asked for."""
+        return cls(request_id, prompt, prompt_token_ids,
+                   [CompletionOutput(0, "", [], None, [] if logprobs else None)])
+
     def apply(self, delta: RequestDelta) -> None:
+        """Fold one delta in (the only place deltas are accumulated)."""
         out = self.outputs[0]
         out.token_ids.extend(delta.token_ids)
         out.text += delta.text

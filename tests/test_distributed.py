@@ -120,7 +120,7 @@ def test_killed_worker_fails_the_driver_quickly(llama_path: Path) -> None:
         for prompt in SHORT:
             engine.add_request(prompt, GREEDY)
         engine.step()
-        os.kill(engine.workers[0].pid, signal.SIGKILL)
+        os.kill(engine.driver.workers[0].pid, signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(WorkerError, match="stopped answering"):
             while True:
@@ -153,7 +153,7 @@ def test_interrupt_on_rank_0_mid_step_fails_fast(llama_path: Path, monkeypatch) 
         with pytest.raises(WorkerError, match="rank 0 stopped mid-step"):
             llm.generate(SHORT, GREEDY, use_tqdm=False)
         llm.shutdown()
-        assert time.monotonic() - start < 5 and not engine.workers
+        assert time.monotonic() - start < 5 and not engine.driver.workers
     finally:
         llm.engine.shutdown()
 

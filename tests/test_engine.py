@@ -17,8 +17,7 @@ from infinite_llm import (  # the README's error types, from the package itself
     SamplingParams,
     SamplingParamsError,
 )
-from infinite_llm.worker.cuda_graphs import Ahead
-from infinite_llm.request import Request
+from infinite_llm.request import Request, ScheduledBatch
 
 NEW_TOKENS = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -216,11 +215,11 @@ def test_a_step_queued_ahead_matches_only_itself() -> None:
     a = Request("a", [1, 2, 3], SamplingParams(), 8, frozenset())
     b = Request("b", [4, 5], SamplingParams(), 8, frozenset())
     a.num_computed_tokens, b.num_computed_tokens = 3, 2  # sampled, not yet appended
-    ahead = Ahead([a, b], [3, 2], torch.empty(2, 4))
+    ahead = ScheduledBatch((a, b), (3, 2), (1, 1), (True, True))
     a.append_token(7)
     b.append_token(8)
-    assert ahead.matches([b, a], [1, 1])
-    assert not ahead.matches([a], [1])  # b stopped or was preempted
-    assert not ahead.matches([a, b], [1, 2])
+    assert ScheduledBatch.of([b, a], [1, 1]).is_decode_of(ahead)
+    assert not ScheduledBatch.of([a], [1]).is_decode_of(ahead)  # b stopped or was preempted
+    assert not ScheduledBatch.of([a, b], [1, 2]).is_decode_of(ahead)
     b.append_token(9)  # a token the step queued ahead did not feed
-    assert not ahead.matches([a, b], [1, 1])
+    assert not ScheduledBatch.of([a, b], [1, 1]).is_decode_of(ahead)

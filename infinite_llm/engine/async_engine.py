@@ -3,16 +3,17 @@
 The engine is synchronous and not thread-safe, and a step is torch compute that may take tens of
 milliseconds. So exactly one thread (the engine thread) calls the `LLMEngine`; the event loop
 never does. The loop sends it commands (add, abort) through a queue and gets back, once per
-step, a `StreamDelta` for every request that changed, delivered with `call_soon_threadsafe`.
-The event loop stays free to accept connections and write SSE while torch computes (torch
-releases the GIL inside its ops).
+step, the step's `RequestDelta` of every request that changed, delivered with
+`call_soon_threadsafe`. The event loop stays free to accept connections and write SSE while
+torch computes (torch releases the GIL inside its ops).
 
 Invariants:
 - every accepted request ends with exactly one delta whose `finish_reason` is set, or with an
   exception (the engine failed), unless its consumer closed the stream first;
 - a stream closed before its end aborts its request, so its KV blocks are freed at once;
-- deltas are copies: the engine's cumulative `RequestOutput`s, which the engine thread keeps
-  mutating, never cross to the event loop.
+- only deltas cross to the event loop, and they are immutable: the engine's cumulative
+  `RequestOutput`s, which the engine thread keeps mutating, stay on the engine thread; each
+  stream folds its deltas into its own `output` as they are read.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infinite_llm.engine.engine import LLMEngine
-from infinite_llm.outputs import Logprobs, RequestOutput
 from infinite_llm.metrics import EngineMetrics
+from infinite_llm.outputs import RequestDelta, RequestOutput
+from infinite_llm.request import FinishReason
 from infinite_llm.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -44,37 +46,29 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed and stopped; no request can be served (HTTP 503)."""
 
 
-@dataclass(frozen=True, slots=True)
-class StreamDelta:
-    """What one step added to one request, as seen by its consumer."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[Logprobs, ...]  # one per token when the request asked for logprobs
-    finish_reason: str | None  # "stop", "length" or "abort" on the last delta
-    num_prompt_tokens: int
-
-
 class RequestStream:
-    """The consumer's side of one request: `async for delta in stream`, then `close()`."""
+    """The consumer's side of one request: `async for delta in stream`, then `close()`.
+    `output` is the answer so far: every delta read is folded into it."""
 
-    def __init__(self, request_id: str, engine: AsyncLLMEngine) -> None:
-        self.request_id = request_id
+    def __init__(self, output: RequestOutput, engine: AsyncLLMEngine) -> None:
+        self.request_id = output.request_id
+        self.output = output
         self.started = False  # has produced a token (or ended)
         self.finished = False
         self._engine = engine
-        self._queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
+        self._queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
 
-    def __aiter__(self) -> AsyncIterator[StreamDelta]:
+    def __aiter__(self) -> AsyncIterator[RequestDelta]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[StreamDelta]:
+    async def _iterate(self) -> AsyncIterator[RequestDelta]:
         while not self.finished:
             item = await self._queue.get()
             if isinstance(item, BaseException):
                 self.finished = True
                 raise item
-            self.finished = item.finish_reason is not None
+            self.output.apply(item)
+            self.finished = self.output.finished
             yield item
 
     def close(self) -> None:
@@ -91,15 +85,16 @@ class _Tracked:
 
     stream: RequestStream
     arrival: float
+    num_prompt_tokens: int
     first_token: float | None = None
     num_tokens: int = 0
-    num_chars: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class _Add:
     stream: RequestStream
-    prompt: str | list[int]
+    prompt_token_ids: tuple[int, ...]
+    prompt: str | None
     params: SamplingParams
     arrival: float
     accepted: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
@@ -159,9 +154,14 @@ class AsyncLLMEngine:
         return self._num_unstarted
 
     async def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
     ) -> RequestStream:
-        """Queue a request; returns its stream once the engine accepted it. Raises what
+        """Queue a request for its prompt's token ids (`prompt`: the text they were made from,
+        if any); returns its stream once the engine accepted it. Raises what
         `LLMEngine.add_request` raises (`RequestError`, `SamplingParamsError`), `QueueFullError`
         when `max_waiting` requests already wait, `EngineDeadError` when the engine is gone."""
         if not self.is_alive:
@@ -170,8 +170,10 @@ class AsyncLLMEngine:
             raise QueueFullError(
                 f"{self._num_unstarted} requests are waiting (the limit is {self.max_waiting})"
             )
-        stream = RequestStream(request_id, self)
-        command = _Add(stream, prompt, params, time.monotonic())
+        output = RequestOutput.empty(request_id, prompt, list(prompt_token_ids),
+                                     params.logprobs is not None)
+        stream = RequestStream(output, self)
+        command = _Add(stream, tuple(prompt_token_ids), prompt, params, time.monotonic())
         self._num_unstarted += 1
         self._send(command)
         try:
@@ -197,12 +199,13 @@ class AsyncLLMEngine:
             self._commands.append(command)
             self._cond.notify()
 
-    def _deliver(self, items: Sequence[tuple[RequestStream, StreamDelta | BaseException]]) -> None:
+    def _deliver(
+        self, items: Sequence[tuple[RequestStream, RequestDelta | BaseException]]
+    ) -> None:
         """Runs on the event loop: hand each delta to its stream."""
         for stream, item in items:
-            if not stream.started and (
-                isinstance(item, BaseException) or item.token_ids or item.finish_reason
-            ):
+            if not stream.started and (isinstance(item, BaseException) or item.token_ids
+                                       or item.finish_reason is not None):
                 stream.started = True
                 self._num_unstarted -= 1
             stream._queue.put_nowait(item)
@@ -215,7 +218,7 @@ class AsyncLLMEngine:
                 for command in commands:
                     self._apply(command)
                 if self.engine.has_unfinished_requests():
-                    self._publish(self.engine.step())
+                    self._publish(self.engine.step_deltas())
                 self._observe()
         except BaseException as e:  # a bug in a step: fail every request, stop serving
             logger.exception("the engine thread failed; no more requests will be served")
@@ -248,51 +251,48 @@ class AsyncLLMEngine:
             tracked = self._tracked.pop(command.request_id, None)
             if tracked is not None:
                 self.engine.abort_request(command.request_id)
-                self._end(tracked, "abort")
+                self._end(tracked, FinishReason.ABORT)
             return
         request_id = command.stream.request_id
         try:
-            self.engine.add_request(command.prompt, command.params, request_id)
+            self.engine.add_request(command.prompt_token_ids, command.params, request_id,
+                                    command.prompt)
         except Exception as e:  # bad input: the caller answers 400
             command.accepted.set_exception(e)
             return
-        self._tracked[request_id] = _Tracked(command.stream, command.arrival)
+        self._tracked[request_id] = _Tracked(command.stream, command.arrival,
+                                             len(command.prompt_token_ids))
         command.accepted.set_result(None)
 
-    def _publish(self, outputs: list[RequestOutput]) -> None:
+    def _publish(self, deltas: list[RequestDelta]) -> None:
         now = time.monotonic()
-        items: list[tuple[RequestStream, StreamDelta | BaseException]] = []
+        items: list[tuple[RequestStream, RequestDelta | BaseException]] = []
         new_tokens = 0
-        for output in outputs:
-            tracked = self._tracked.get(output.request_id)
+        for delta in deltas:
+            tracked = self._tracked.get(delta.request_id)
             if tracked is None:  # aborted in this iteration; nobody listens
                 continue
-            out = output.outputs[0]
-            token_ids = tuple(out.token_ids[tracked.num_tokens :])
-            logprobs = tuple(out.logprobs[tracked.num_tokens :]) if out.logprobs else ()
-            text = out.text[tracked.num_chars :]
-            tracked.num_tokens, tracked.num_chars = len(out.token_ids), len(out.text)
-            new_tokens += len(token_ids)
-            if tracked.first_token is None and token_ids:
+            tracked.num_tokens += len(delta.token_ids)
+            new_tokens += len(delta.token_ids)
+            if tracked.first_token is None and delta.token_ids:
                 tracked.first_token = now
-                self.metrics.observe_first_token(now - tracked.arrival,
-                                                 len(output.prompt_token_ids))
-            finish = out.finish_reason if output.finished else None
-            items.append((tracked.stream, StreamDelta(
-                text, token_ids, logprobs, finish, len(output.prompt_token_ids))))
-            if output.finished:
-                del self._tracked[output.request_id]
-                self._end(tracked, finish or "stop", now)
+                self.metrics.observe_first_token(now - tracked.arrival, tracked.num_prompt_tokens)
+            items.append((tracked.stream, delta))
+            if delta.finish_reason is not None:
+                del self._tracked[delta.request_id]
+                self._end(tracked, delta.finish_reason, now)
         self.metrics.observe_tokens(new_tokens)
         self._post(items)
 
-    def _end(self, tracked: _Tracked, finish_reason: str, now: float | None = None) -> None:
+    def _end(self, tracked: _Tracked, finish_reason: FinishReason,
+             now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         ttft = None if tracked.first_token is None else tracked.first_token - tracked.arrival
-        self.metrics.observe_finished(finish_reason, now - tracked.arrival, ttft,
+        self.metrics.observe_finished(finish_reason.value, now - tracked.arrival, ttft,
                                       tracked.num_tokens)
-        if finish_reason == "abort":  # the consumer has gone, but end its stream all the same
-            self._post([(tracked.stream, StreamDelta("", (), (), "abort", 0))])
+        if finish_reason is FinishReason.ABORT:  # the consumer has gone; end its stream anyway
+            delta = RequestDelta(tracked.stream.request_id, (), "", (), FinishReason.ABORT)
+            self._post([(tracked.stream, delta)])
 
     def _observe(self) -> None:
         waiting = sum(1 for t in self._tracked.values() if t.first_token is None)
@@ -309,7 +309,7 @@ class AsyncLLMEngine:
         """Shutdown: abort what is in flight, refuse what is still queued."""
         for request_id in list(self._tracked):
             self.engine.abort_request(request_id)
-            self._end(self._tracked.pop(request_id), "abort")
+            self._end(self._tracked.pop(request_id), FinishReason.ABORT)
         self._fail_pending(EngineDeadError("the server is shutting down"))
         self._observe()
         self.engine.shutdown()  # a multi-instance engine stops its workers

@@ -11,23 +11,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jinja2
 from tqdm import tqdm
 
-from infinite_llm.engine.engine import LLMEngine, RequestError, engine_config
-from infinite_llm.outputs import RequestOutput
+from infinite_llm.config import EngineConfig
+from infinite_llm.engine.engine import LLMEngine, RequestError
+from infinite_llm.entrypoints.prompts import Message, apply_chat_template, tokenize
 from infinite_llm.kvcache.rmanager import KVStats
+from infinite_llm.outputs import RequestOutput
 from infinite_llm.sampling import SamplingParams, SamplingParamsError
 
 Prompt = str | Sequence[int]
-Message = dict[str, str]
 
 
 class LLM:
     """An engine over the given model (None = the default model); options as in EngineConfig."""
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
-        self.engine = LLMEngine(engine_config(model, engine_options))
+        self.engine = LLMEngine(EngineConfig.from_options(model=model, **engine_options))
 
     @property
     def tokenizer(self) -> Any:
@@ -42,19 +42,19 @@ class LLM:
         """Generate for every prompt (a string or a list of token ids); outputs in prompt order.
         `sampling_params`: one SamplingParams for all prompts, or a list of them, one per prompt.
 
-        All prompts are validated before any is queued, so a bad one leaves nothing behind.
+        Every prompt is tokenized (once) before any is queued, and a prompt the engine refuses
+        aborts those queued before it, so a bad one leaves nothing behind.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         params = _per_prompt(sampling_params, len(prompts))
-        for prompt in prompts:
-            if not self.engine.tokenize(prompt):
-                raise RequestError("a prompt is empty")
+        token_ids = [tokenize(self.tokenizer, prompt) for prompt in prompts]
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, p))
+            for prompt, prompt_token_ids, p in zip(prompts, token_ids, params):
+                text = prompt if isinstance(prompt, str) else None
+                ids.append(self.engine.add_request(prompt_token_ids, p, prompt=text))
         except Exception:
             for request_id in ids:
                 self.engine.abort_request(request_id)
@@ -107,19 +107,6 @@ class LLM:
                     self.engine.abort_request(request_id)
                 raise
         return [done[i] for i in ids]
-
-
-def apply_chat_template(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
-    """The conversation's prompt tokens, ready for the assistant's turn; a RequestError when the
-    template rejects the messages (a missing role, a content that isn't text), not jinja's own
-    error. The Python API and the server's chat endpoint both tokenize chats here."""
-    try:
-        ids = tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    except (jinja2.TemplateError, ValueError, TypeError) as e:
-        raise RequestError(f"the chat template rejected the messages: {e}") from e
-    return list(ids)
 
 
 def _per_prompt(

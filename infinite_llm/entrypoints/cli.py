@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from typing import Any
+
+from infinite_llm.config import EngineConfig
 
 DEFAULT_PROMPT = "What is the capital of France?"
 
@@ -15,51 +19,59 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="answer one prompt and print the answer")
     gen.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
-    gen.add_argument("--model", default=None,
-                     help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None, dest="sampling_seed",
+                     help="the request's sampling seed")
     gen.add_argument("--no-chat-template", action="store_true",
                      help="send the prompt as raw text even if the tokenizer has a chat template")
-    _add_engine_flags(gen, skip=("seed",))  # --seed above is the sampling seed
+    _add_engine_flags(gen, skip=("seed",))  # --seed above is the request's
     _add_serve_parser(commands)
     _add_bench_parser(commands)
     return parser
 
 
-# Engine options as flags: EngineConfig field -> type; unset flags keep EngineConfig's defaults.
-_ENGINE_FLAGS: dict[str, type] = {
-    "device": str, "dtype": str, "num_kv_blocks": int, "kv_cache_fraction": float,
-    "block_size": int, "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int,
-    "seed": int, "num_instances": int, "kv_mode": str, "worker_timeout_s": float,
-    "enforce_eager": bool, "async_scheduling": bool, "data_backend": str,
-}
+_FLAG_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    group = parser.add_argument_group("engine options (see EngineConfig)")
-    for name, kind in _ENGINE_FLAGS.items():
-        if name in skip:
+    """One flag per `EngineConfig` option (`block_size` -> `--block-size`), its help and choices
+    the field's own; a flag left out is absent from the parsed args, so the config's default
+    holds."""
+    group = parser.add_argument_group("engine options (EngineConfig)")
+    for f in EngineConfig.option_fields():
+        if f.name in skip:
             continue
-        if kind is bool:  # --name / --no-name; absent = EngineConfig's default
-            group.add_argument(f"--{name.replace('_', '-')}",
-                               action=argparse.BooleanOptionalAction, default=None)
-        else:
-            group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
+        flag, kind, text = f"--{f.name.replace('_', '-')}", _flag_type(f), f.metadata["help"]
+        if kind is bool:
+            default = flag if f.default else f"--no-{flag[2:]}"
+            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=f"{text} (default: {default})")
+            continue
+        if f.default is not None:  # a None default is described by the help itself
+            text = f"{text} (default: {f.default})"
+        group.add_argument(flag, type=kind, choices=f.metadata["choices"],
+                           default=argparse.SUPPRESS, help=text)
 
 
-def _engine_options(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, object]:
-    return {n: getattr(args, n) for n in _ENGINE_FLAGS
-            if n not in skip and getattr(args, n) is not None}
+def _flag_type(f: dataclasses.Field) -> type:
+    """The type of the field's default, else the one its annotation names besides None."""
+    if f.default is not None:
+        return type(f.default)
+    names = [n.strip() for n in str(f.type).split("|") if n.strip() != "None"]
+    return _FLAG_TYPES[names[0]]
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options set on the command line (those left out are absent)."""
+    return {f.name: getattr(args, f.name) for f in EngineConfig.option_fields()
+            if hasattr(args, f.name)}
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
-    serve.add_argument("--model", default=None,
-                       help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     serve.add_argument("--served-model-name", default=None,
                        help="the name clients pass as `model` (default: from --model)")
     serve.add_argument("--host", default="127.0.0.1",
@@ -111,8 +123,8 @@ def _serve(args: argparse.Namespace) -> int:
     from infinite_llm.entrypoints.server import ServerConfig, run_server
 
     try:
-        config = ServerConfig(args.model, _engine_options(args), args.host, args.port,
-                              args.api_key, args.max_waiting, args.max_body_bytes,
+        config = ServerConfig(EngineConfig.from_options(**_engine_options(args)), args.host,
+                              args.port, args.api_key, args.max_waiting, args.max_body_bytes,
                               args.served_model_name, args.log_level)
         run_server(config)
     except (ValueError, FileNotFoundError) as e:
@@ -136,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-        with LLM(args.model, **_engine_options(args, skip=("seed",))) as llm:
+                                top_p=args.top_p, top_k=args.top_k, seed=args.sampling_seed)
+        with LLM(**_engine_options(args)) as llm:
             if not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None):
                 messages = [{"role": "user", "content": args.prompt}]
                 out = llm.chat(messages, params, use_tqdm=False)

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infinite_llm import __version__
-from infinite_llm.config import ConfigError
+from infinite_llm.config import ConfigError, EngineConfig
 from infinite_llm.engine.async_engine import AsyncLLMEngine
 from infinite_llm.entrypoints.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from infinite_llm.entrypoints.serving import OpenAIServing
@@ -47,8 +47,7 @@ _CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    model: str | None = None
-    engine_options: dict[str, Any] = field(default_factory=dict)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -71,9 +70,9 @@ class ServerConfig:
     def model_name(self) -> str:
         if self.served_model_name:
             return self.served_model_name
-        if self.model is None:
+        if self.engine.load.model is None:
             return DEFAULT_MODEL_FILE.split(".")[0]  # SmolLM2-135M-Instruct
-        path = Path(self.model)
+        path = Path(self.engine.load.model)
         return path.stem if path.suffix == ".gguf" else path.name
 
 
@@ -135,9 +134,9 @@ def run_server(config: ServerConfig) -> None:
     serve until interrupted."""
     import uvicorn
 
-    from infinite_llm.engine.engine import LLMEngine, engine_config
+    from infinite_llm.engine.engine import LLMEngine
 
-    engine = LLMEngine(engine_config(config.model, config.engine_options))
+    engine = LLMEngine(config.engine)
     async_engine = AsyncLLMEngine(engine, EngineMetrics(), config.max_waiting)
     app = build_app(async_engine, copy.deepcopy(engine.tokenizer), config.model_name,
                     config.api_key, config.max_body_bytes)

@@ -1,7 +1,10 @@
 """Completions and chat completions over the async engine, in OpenAI's response shapes.
 
-One flow for both endpoints (validate -> add -> stream or collect); what differs is the shape of
-a chunk, of the final body and of logprobs, which `CompletionFormat` and `ChatFormat` hold.
+One flow for both endpoints (validate and tokenize -> add -> stream or collect); what differs is
+the shape of a chunk, of the final body and of logprobs, which `CompletionFormat` and
+`ChatFormat` hold. Each prompt is tokenized here, once (text with `tokenize`, messages with
+`apply_chat_template`), and its token ids go down to the engine. A chunk is made from one
+`RequestDelta`, a whole answer from the `RequestOutput` its stream folded the deltas into.
 A completion may carry several prompts: each is one engine request (added together, so they
 batch) and one choice, `index` i for prompt i; usage is their sum. Streams are SSE
 (`data: {json}` ... `data: [DONE]`), one chunk per engine step and prompt that produced a token
@@ -18,7 +21,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from starlette.background import BackgroundTask
@@ -30,44 +33,41 @@ from infinite_llm.engine.async_engine import (
     EngineDeadError,
     QueueFullError,
     RequestStream,
-    StreamDelta,
 )
-from infinite_llm.engine.engine import RequestError, check_unicode
-from infinite_llm.outputs import Logprobs
-from infinite_llm.entrypoints.api import apply_chat_template
+from infinite_llm.engine.engine import RequestError
+from infinite_llm.entrypoints.prompts import apply_chat_template, tokenize
 from infinite_llm.entrypoints.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     bad_request,
 )
+from infinite_llm.outputs import Logprobs, RequestDelta, RequestOutput
 from infinite_llm.sampling import SamplingParams, SamplingParamsError
 
 T = TypeVar("T")
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
 
 
-@dataclass(slots=True)
-class _Collected:
-    """A whole answer, gathered from a stream."""
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One prompt of a request, tokenized: its text (None when sent as token ids or messages)
+    and its token ids."""
 
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[Logprobs] = field(default_factory=list)
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-
-    def add(self, delta: StreamDelta) -> None:
-        self.text += delta.text
-        self.token_ids.extend(delta.token_ids)
-        self.logprobs.extend(delta.logprobs)
-        self.finish_reason = delta.finish_reason
-        self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
+    text: str | None
+    token_ids: list[int]
 
 
-def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_output_tokens,
-            "total_tokens": num_prompt_tokens + num_output_tokens}
+def usage(outs: list[RequestOutput]) -> dict[str, int]:
+    """OpenAI's usage of one HTTP request: the sum over its prompts."""
+    num_prompt = sum(len(out.prompt_token_ids) for out in outs)
+    num_output = sum(len(out.outputs[0].token_ids) for out in outs)
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_output,
+            "total_tokens": num_prompt + num_output}
+
+
+def _finish_reason(delta: RequestDelta) -> str | None:
+    return None if delta.finish_reason is None else delta.finish_reason.value
 
 
 class _Format:
@@ -95,15 +95,11 @@ class _Format:
     def opening_chunks(self) -> list[dict[str, Any]]:
         return []
 
-    def chunk(self, index: int, delta: StreamDelta) -> dict[str, Any]:
+    def chunk(self, index: int, delta: RequestDelta) -> dict[str, Any]:
         raise NotImplementedError
 
-    def final(self, outs: list[_Collected]) -> dict[str, Any]:
+    def final(self, outs: list[RequestOutput]) -> dict[str, Any]:
         raise NotImplementedError
-
-
-def _final_usage(outs: list[_Collected]) -> dict[str, int]:
-    return usage(sum(o.num_prompt_tokens for o in outs), sum(len(o.token_ids) for o in outs))
 
 
 class CompletionFormat(_Format):
@@ -133,17 +129,19 @@ class CompletionFormat(_Format):
             "text_offset": offsets,
         }
 
-    def chunk(self, index: int, delta: StreamDelta) -> dict[str, Any]:
+    def chunk(self, index: int, delta: RequestDelta) -> dict[str, Any]:
         choice = {"index": index, "text": delta.text,
                   "logprobs": self._logprobs(index, delta.token_ids, delta.logprobs),
-                  "finish_reason": delta.finish_reason}
+                  "finish_reason": _finish_reason(delta)}
         return {**self.envelope(True), "choices": [choice]}
 
-    def final(self, outs: list[_Collected]) -> dict[str, Any]:
-        choices = [{"index": i, "text": out.text,
-                    "logprobs": self._logprobs(i, out.token_ids, out.logprobs),
-                    "finish_reason": out.finish_reason} for i, out in enumerate(outs)]
-        return {**self.envelope(False), "choices": choices, "usage": _final_usage(outs)}
+    def final(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        choices = [{"index": i, "text": out.outputs[0].text,
+                    "logprobs": self._logprobs(i, out.outputs[0].token_ids,
+                                               out.outputs[0].logprobs or []),
+                    "finish_reason": out.outputs[0].finish_reason}
+                   for i, out in enumerate(outs)]
+        return {**self.envelope(False), "choices": choices, "usage": usage(outs)}
 
 
 class ChatFormat(_Format):
@@ -172,17 +170,19 @@ class ChatFormat(_Format):
                   "finish_reason": None}
         return [{**self.envelope(True), "choices": [choice]}]
 
-    def chunk(self, index: int, delta: StreamDelta) -> dict[str, Any]:
+    def chunk(self, index: int, delta: RequestDelta) -> dict[str, Any]:
         choice = {"index": index, "delta": {"content": delta.text} if delta.text else {},
                   "logprobs": self._logprobs(delta.token_ids, delta.logprobs),
-                  "finish_reason": delta.finish_reason}
+                  "finish_reason": _finish_reason(delta)}
         return {**self.envelope(True), "choices": [choice]}
 
-    def final(self, outs: list[_Collected]) -> dict[str, Any]:
-        choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
-                    "logprobs": self._logprobs(out.token_ids, out.logprobs),
-                    "finish_reason": out.finish_reason} for i, out in enumerate(outs)]
-        return {**self.envelope(False), "choices": choices, "usage": _final_usage(outs)}
+    def final(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        choices = [{"index": i, "message": {"role": "assistant", "content": out.outputs[0].text},
+                    "logprobs": self._logprobs(out.outputs[0].token_ids,
+                                               out.outputs[0].logprobs or []),
+                    "finish_reason": out.outputs[0].finish_reason}
+                   for i, out in enumerate(outs)]
+        return {**self.envelope(False), "choices": choices, "usage": usage(outs)}
 
 
 class OpenAIServing:
@@ -195,14 +195,14 @@ class OpenAIServing:
     async def completion(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         params = _sampling_params(body.sampling_params)
-        prompts = [self._check_room(body, prompt) for prompt in body.prompts()]
+        prompts = [self._check_room(body, self._prompt(prompt)) for prompt in body.prompts()]
         fmt = CompletionFormat(self.tokenizer, self.model_name, params.logprobs)
         return await self._generate(fmt, prompts, params, body, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         params = _sampling_params(body.sampling_params)
-        prompt = self._check_room(body, self._chat_prompt(body))
+        prompt = self._check_room(body, Prompt(None, self._chat_prompt(body)))
         fmt = ChatFormat(self.tokenizer, self.model_name, params.logprobs)
         return await self._generate(fmt, [prompt], params, body, request)
 
@@ -211,6 +211,14 @@ class OpenAIServing:
         if model is not None and model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                            f"{self.model_name!r}", "model", "model_not_found")
+
+    def _prompt(self, prompt: str | list[int]) -> Prompt:
+        """A completion's prompt and its token ids (the engine checks their range)."""
+        text = prompt if isinstance(prompt, str) else None
+        try:
+            return Prompt(text, tokenize(self.tokenizer, prompt))
+        except RequestError as e:  # no tokenizer, or not valid Unicode
+            raise bad_request(str(e), "prompt") from e
 
     def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
@@ -221,24 +229,12 @@ class OpenAIServing:
             raise bad_request(str(e), "messages") from e
 
     def _check_room(self, body: CompletionRequest | ChatCompletionRequest,
-                    prompt: str | list[int]) -> str | list[int]:
+                    prompt: Prompt) -> Prompt:
         """vLLM's 400 for a max_tokens the context can't hold with the prompt (the engine
-        would cut it short). Text without a tokenizer is left to the engine's own message.
-        Returns the prompt to submit: its token ids where it had to be tokenized here, so that
-        the engine doesn't tokenize it again."""
+        would cut it short); returns the prompt."""
         max_tokens = body.requested_max_tokens
-        if max_tokens is None:
-            return prompt
-        if isinstance(prompt, str):  # a completion's (a chat's prompt is token ids already)
-            if self.tokenizer is None:
-                return prompt
-            try:
-                check_unicode(prompt)
-            except RequestError as e:  # the engine's 400, before any prompt is added
-                raise bad_request(str(e), "prompt") from e
-            prompt = self.tokenizer.encode(prompt)  # as the engine would
-        max_len, num_prompt = self.engine.max_model_len, len(prompt)
-        if num_prompt + max_tokens > max_len:
+        max_len, num_prompt = self.engine.max_model_len, len(prompt.token_ids)
+        if max_tokens is not None and num_prompt + max_tokens > max_len:
             raise bad_request(
                 f"This model's maximum context length is {max_len} tokens. However, you "
                 f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the messages, "
@@ -249,7 +245,7 @@ class OpenAIServing:
     async def _generate(
         self,
         fmt: _Format,
-        prompts: list[str | list[int]],
+        prompts: list[Prompt],
         params: SamplingParams,
         body: CompletionRequest | ChatCompletionRequest,
         request: Request,
@@ -259,18 +255,17 @@ class OpenAIServing:
             return StreamingResponse(self._sse(fmt, streams, body.include_usage),
                                      media_type="text/event-stream",
                                      background=BackgroundTask(_close, streams))
-        outs = [_Collected() for _ in streams]
         try:
-            gathered = await _unless_disconnected(request, _collect(streams, outs))
+            gathered = await _unless_disconnected(request, _drain(streams))
         except EngineDeadError as e:
             raise APIError(503, str(e), code="engine_dead") from e
         finally:
             _close(streams)
         if not gathered:
             return Response(status_code=499)  # nobody is there to read it
-        return JSONResponse(fmt.final(outs))
+        return JSONResponse(fmt.final([stream.output for stream in streams]))
 
-    async def _add_all(self, fmt: _Format, prompts: list[str | list[int]],
+    async def _add_all(self, fmt: _Format, prompts: list[Prompt],
                        params: SamplingParams) -> list[RequestStream]:
         """Add every prompt at once, so they batch; if any is refused (or we are cancelled),
         the others are aborted and the first refusal, in prompt order, is raised. More prompts
@@ -292,10 +287,11 @@ class OpenAIServing:
             raise errors[0]
         return [add.result() for add in adds]
 
-    async def _add(self, fmt: _Format, request_id: str, prompt: str | list[int],
+    async def _add(self, fmt: _Format, request_id: str, prompt: Prompt,
                    params: SamplingParams) -> RequestStream:
         try:
-            return await self.engine.add_request(request_id, prompt, params)
+            return await self.engine.add_request(request_id, prompt.token_ids, params,
+                                                 prompt.text)
         except (RequestError, SamplingParamsError) as e:
             param = fmt.prompt_param if isinstance(e, RequestError) else None
             raise bad_request(str(e), param) from e
@@ -307,18 +303,15 @@ class OpenAIServing:
 
     async def _sse(self, fmt: _Format, streams: list[RequestStream],
                    include_usage: bool) -> AsyncIterator[str]:
-        num_prompt, num_output = [0] * len(streams), 0
         try:
             for chunk in fmt.opening_chunks():
                 yield _event(chunk, include_usage)
             async for i, delta in _merged(streams):
-                num_prompt[i] = delta.num_prompt_tokens or num_prompt[i]
-                num_output += len(delta.token_ids)
-                if delta.token_ids or delta.text or delta.finish_reason:
+                if delta.token_ids or delta.text or delta.finish_reason is not None:
                     yield _event(fmt.chunk(i, delta), include_usage)
             if include_usage:
                 yield _event({**fmt.envelope(True), "choices": [],
-                              "usage": usage(sum(num_prompt), num_output)}, False)
+                              "usage": usage([stream.output for stream in streams])}, False)
         except EngineDeadError as e:
             yield _event(APIError(503, str(e), code="engine_dead").body(), False)
         finally:
@@ -355,7 +348,7 @@ def _abort_adds(adds: list[asyncio.Future[RequestStream]]) -> None:
             add.result().close()
 
 
-async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, StreamDelta]]:
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestDelta]]:
     """(prompt index, delta) from all of one HTTP request's streams, as each arrives."""
     if len(streams) == 1:  # the common case needs no task per delta
         async for delta in streams[0]:
@@ -379,9 +372,10 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Stre
             task.cancel()
 
 
-async def _collect(streams: list[RequestStream], outs: list[_Collected]) -> None:
-    async for i, delta in _merged(streams):
-        outs[i].add(delta)
+async def _drain(streams: list[RequestStream]) -> None:
+    """Read the streams to their ends; each folds its deltas into its `output`."""
+    async for _ in _merged(streams):
+        pass
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> bool:
