@@ -33,9 +33,9 @@ import triton
 from triton.testing import do_bench
 
 from infinite_llm.attention import graph_decode_config, graph_decode_ops
-from infinite_llm.attention import triton as kernels
 from infinite_llm.attention.reference import PagedBatch
-from infinite_llm.attention.triton.common import pdl_args
+from infinite_llm.kernels import attention as kernels
+from infinite_llm.kernels.common import pdl_args
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -234,7 +234,7 @@ def prefill(block_size: int, sweep_configs: bool) -> None:
     """Causal prefill, TFLOP/s: a whole 4K and 16K prompt (ours paged, SDPA contiguous), and the
     last 8K chunk of a 64K prompt (ours; chunked prefill of a long context). With
     `sweep_configs`, also every (BLOCK_M, BLOCK_N, num_warps, num_stages) of a grid, best first."""
-    from infinite_llm.attention.triton import prefill as prefill_module
+    from infinite_llm.kernels import prefill as prefill_module
 
     cases = []
     for length, chunk in ((4096, 4096), (16384, 16384), (65536, 8192)):

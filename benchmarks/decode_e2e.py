@@ -83,7 +83,7 @@ def hardware(device: torch.device) -> str:
         return f"{platform.machine()}, {os.cpu_count()} CPU cores; {versions}"
     import triton
 
-    from infinite_llm.attention.triton.common import pdl_args
+    from infinite_llm.kernels.common import pdl_args
 
     props = torch.cuda.get_device_properties(device)
     pdl = "on" if pdl_args(device)["PDL"] else "off (INFINITE_LLM_PDL=0 or before Hopper)"
@@ -191,7 +191,7 @@ def measure_decode(llm: LLM, batch: int, context: int, args: argparse.Namespace,
                    device: torch.device, bandwidth: float) -> dict[str, Any] | str:
     """One row of the table, or why it was skipped."""
     engine = llm.engine
-    bs = engine.config.block_size
+    bs = engine.config.cache.block_size
     prefill_steps = -(-batch * context // args.chunk) + 1
     profiled = (2 if args.profile else 0) + (10 if args.host_profile else 0)
     extra = prefill_steps + args.warmup + args.steps + profiled + 3  # tokens a request may reach
@@ -296,7 +296,7 @@ def hf_from_ours(model: LlamaForCausalLM, config: dict[str, Any], device: torch.
             if source is None:
                 raise KeyError(f"no weight of ours for HF's {name}")
             param.copy_(source)
-    ours_freq = model.model.layers[0].self_attn.rotary.inv_freq
+    ours_freq = model.model.rotary.inv_freq
     if not torch.allclose(hf.model.rotary_emb.inv_freq.float(), ours_freq.float()):
         raise RuntimeError("HF's RoPE frequencies differ from ours")
     return hf.eval()
@@ -340,7 +340,8 @@ def decode_table(args: argparse.Namespace, device: torch.device, folder: Path) -
     print(f"model: Llama-3-8B shapes{' (--tiny)' if args.tiny else ''}, {params / 1e9:.2f} B "
           f"params, {weight_bytes(model, 0) / GB:.2f} GB of weights read per step + the embedding "
           f"rows; random weights; KV {kv_bytes_per_token(engine) / 1024:.0f} KiB/token; pool "
-          f"{total_blocks} blocks x {engine.config.block_size} tokens; chunk {args.chunk} tokens")
+          f"{total_blocks} blocks x {engine.config.cache.block_size} tokens; chunk {args.chunk} "
+          "tokens")
     print(f"device-to-device copy: {bandwidth:.0f} GB/s (read + write)")
     print(f"timed: {args.steps} decode steps after {args.warmup} warm-up steps; "
           "goal: >= 0.85 of roofline")
@@ -414,7 +415,7 @@ def longest(args: argparse.Namespace, device: torch.device, folder: Path) -> Non
     llm = LLM(str(folder), **options)
     engine = llm.engine
     stats = llm.kv_stats()[0]
-    bs = engine.config.block_size
+    bs = engine.config.cache.block_size
     kv_token = kv_bytes_per_token(engine)
     free = torch.cuda.mem_get_info(device)[0] / GB if device.type == "cuda" else float("nan")
     print(f"pool: {stats.total} blocks x {bs} tokens = {stats.total * bs} tokens, "

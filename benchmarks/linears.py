@@ -1,4 +1,4 @@
-"""One-row linears: the Triton GEMV (`models/fused.py`) vs cuBLAS (`F.linear`).
+"""One-row linears: the Triton GEMV (`infinite_llm/kernels/linear.py`) vs cuBLAS (`F.linear`).
 
 Llama-3-8B's weight matrices (bf16): the fused QKV, o_proj, the fused gate/up, down_proj and the
 lm_head, times one row of activations: every linear of a decode step at batch 1. Such a
@@ -11,12 +11,12 @@ weights flush it in a real step). Prints the hardware, a table and the ratio cuB
 
 `--step 16,64` times instead a whole decode step's linears at those row counts, as the engine
 runs them: one CUDA graph of 32 layers' QKV, o_proj, gate/up and down (distinct weights, 14 GB)
-and the lm_head, cuBLAS against the Triton skinny GEMM (`fused.skinny_linear`) over a sweep of
+and the lm_head, cuBLAS against the Triton skinny GEMM (`kernels.skinny_linear`) over a sweep of
 its tiles (block_n, block_k, stages, warps); median replay time.
 
 `--matrices 16,32,64` times each matrix on its own (its 32 distinct weights back to back in one
-CUDA graph, the lm_head once): cuBLAS against the split-K kernel (`fused.splitk_linear`) over a
-sweep of its tiles and split counts, and the tile kernel up to 16 rows; what `fused.splitk_tiles`
+CUDA graph, the lm_head once): cuBLAS against the split-K kernel (`kernels.splitk_linear`) over a
+sweep of its tiles and split counts, and the tile kernel up to 16 rows; what `kernels.splitk_tiles`
 was chosen from.
 """
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from attention_kernels import bench_ms, copy_bandwidth, graph_ms, hardware, parse_sizes
 
-from infinite_llm.models import fused
+from infinite_llm.kernels import linear as kernels
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336), "lm_head": (128256, 4096)}  # (out, in) of Llama-3-8B
@@ -59,14 +59,14 @@ def step_table(rows_list: list[int], copy: float) -> None:
         xs = {k: torch.randn(rows, k, device="cuda", generator=gen, dtype=torch.bfloat16)
               for k in {w.shape[1] for w in layers[0]} | {head.shape[1]}}
         for w in (layers[0][0], layers[0][3]):
-            torch.testing.assert_close(fused.skinny_linear(xs[w.shape[1]], w, block_k=128),
+            torch.testing.assert_close(kernels.skinny_linear(xs[w.shape[1]], w, block_k=128),
                                        F.linear(xs[w.shape[1]], w), atol=2e-2, rtol=1.6e-2)
         theirs = step_ms(F.linear, xs, layers, head)
         print(f"rows {rows}: cuBLAS {theirs:.3f} ms ({gb / theirs * 1e3:.0f} GB/s, "
               f"{gb / theirs * 1e3 / copy:.2f} of copy)", flush=True)
         results = []
         for bn, bk, st, wp in itertools.product((16, 32, 64), (128, 256, 512), (3, 4), (4, 8)):
-            fn = partial(fused.skinny_linear, block_n=bn, block_k=bk, stages=st, warps=wp)
+            fn = partial(kernels.skinny_linear, block_n=bn, block_k=bk, stages=st, warps=wp)
             try:
                 ms = step_ms(fn, xs, layers, head)
             except Exception as e:  # a tile that doesn't fit (shared memory)
@@ -83,7 +83,7 @@ def step_table(rows_list: list[int], copy: float) -> None:
 
 def matrix_table(rows_list: list[int], copy: float) -> None:
     """Per matrix, 32 distinct weights called back to back in one CUDA graph (the lm_head once):
-    cuBLAS against `fused.splitk_linear` over a sweep of its tiles and split counts."""
+    cuBLAS against `kernels.splitk_linear` over a sweep of its tiles and split counts."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     weights = {name: [torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16)
                       / k**0.5 for _ in range(1 if name == "lm_head" else 32)]
@@ -101,7 +101,7 @@ def matrix_table(rows_list: list[int], copy: float) -> None:
             for bn, bk, split, st, wp in configs:
                 if ws[0].shape[1] % (bk * split) or (name == "lm_head" and split > 1):
                     continue
-                fn = partial(fused.splitk_linear, block_n=bn, block_k=bk, split_k=split,
+                fn = partial(kernels.splitk_linear, block_n=bn, block_k=bk, split_k=split,
                              stages=st, warps=wp)
                 try:
                     torch.testing.assert_close(fn(x, ws[0]), F.linear(x, ws[0]), atol=2e-2,
@@ -116,8 +116,8 @@ def matrix_table(rows_list: list[int], copy: float) -> None:
             total_theirs += theirs
             total_ours += min(theirs, results[0][0])
             skinny = ""
-            if rows <= fused.SKINNY_MAX_ROWS:  # what the engine runs at these rows
-                ms = graph_ms([partial(fused.skinny_linear, x, w) for w in ws]) * len(ws)
+            if rows <= kernels.SKINNY_MAX_ROWS:  # what the engine runs at these rows
+                ms = graph_ms([partial(kernels.skinny_linear, x, w) for w in ws]) * len(ws)
                 skinny = f"; skinny {ms:.3f} ms ({gb / ms * 1e3 / copy:.2f})"
             print(f"rows {rows} {name}: cuBLAS {theirs:.3f} ms ({gb / theirs * 1e3 / copy:.2f} "
                   f"of copy){skinny}; splitk (block_n, block_k, split, stages, warps) "
@@ -150,10 +150,10 @@ def main() -> None:
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) / k**0.5
         x = torch.randn(1, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-        assert fused.skinny_fits(x, w)
-        torch.testing.assert_close(fused.gemv(x, w), F.linear(x, w), atol=2e-2, rtol=1.6e-2)
+        assert kernels.skinny_fits(x, w)
+        torch.testing.assert_close(kernels.gemv(x, w), F.linear(x, w), atol=2e-2, rtol=1.6e-2)
         theirs = bench_ms(partial(F.linear, x, w))
-        ours = bench_ms(partial(fused.gemv, x, w))
+        ours = bench_ms(partial(kernels.gemv, x, w))
         gb = w.numel() * w.element_size() / GB
         layers = 1 if name == "lm_head" else 32
         total_theirs += theirs * layers

@@ -19,7 +19,7 @@ The last line bounds what any float32 engine could do on this CPU: each generate
 float32 rate, so tokens/s can't exceed rate / (2 x weights), whatever the kernels or schedule.
 
 `--linears` instead times the model's linears alone, F.linear (MKL) against oneDNN's packed
-weights (`llama.linear`'s CPU path for `PACKED_ROWS` rows), at several row counts.
+weights (the CPU backend of `layers.Linear` for `PACKED_ROWS` rows), at several row counts.
 
     python benchmarks/throughput.py [--batch 32] [--new-tokens 64] [--device cpu] [--repeats 3]
     python benchmarks/throughput.py --linears
@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from infinite_llm import LLM, SamplingParams
-from infinite_llm.worker.threads import StepThreads
-from infinite_llm.models.llama import Linear, LlamaForCausalLM, pack_weight, packed_linear
+from infinite_llm.models.layers import Linear, pack_weight, packed_linear
+from infinite_llm.models.llama import LlamaForCausalLM
 from infinite_llm.models.loader import load_model, resolve_model
+from infinite_llm.worker.threads import StepThreads
 
 TOPICS = ["the sea", "a city at night", "autumn", "a robot", "mountains", "coffee", "the moon",
           "a library", "rain", "a train journey", "friendship", "the desert", "snow", "music",
@@ -99,10 +100,7 @@ def matmul_gflops() -> float:
 
 def linear_weights(model: LlamaForCausalLM) -> list[torch.Tensor]:
     """The weight of every matrix product in a token's forward pass (tied logits included)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
-    if model.lm_head is None:
-        weights.append(model.model.embed_tokens.weight)
-    return weights
+    return [m.weight for m in model.modules() if isinstance(m, Linear)]
 
 
 def products(xs: list[torch.Tensor], weights: list[torch.Tensor],

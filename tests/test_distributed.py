@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from infinite_llm import LLM, ConfigError, SamplingParams
-from infinite_llm.comm import WorkerError
 from infinite_llm.cluster.gmanager import Migration, Plan
+from infinite_llm.comm import WorkerError
 from infinite_llm.engine.engine import MigrationError, RequestError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)

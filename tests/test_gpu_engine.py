@@ -21,13 +21,13 @@ from transformers import AutoModelForCausalLM
 
 from infinite_llm import LLM, SamplingParams
 from infinite_llm.attention import PAD_SLOT, reference
-from infinite_llm.attention import triton as kernels
 from infinite_llm.attention.reference import PagedBatch
 from infinite_llm.config import RopeScaling
-from infinite_llm.worker.cuda_graphs import buckets
-from infinite_llm.models import fused, llama
-from infinite_llm.models.llama import RMSNorm
+from infinite_llm.kernels import attention as kernels
+from infinite_llm.kernels import elementwise, linear
+from infinite_llm.models.layers import RMSNorm, triton_linear
 from infinite_llm.models.rope import RotaryEmbedding
+from infinite_llm.worker.cuda_graphs import buckets
 
 
 @pytest.fixture(scope="module")
@@ -220,11 +220,11 @@ def test_fused_ops_equal_torch_path(dtype: torch.dtype) -> None:
     x = torch.randn(37, 576, generator=gen).to(dtype)
     norm = RMSNorm(576, 1e-5, dtype, torch.device("cpu"))
     norm.weight.data = torch.randn(576, generator=gen).to(dtype)
-    out = fused.rms_norm(x.cuda(), norm.weight.cuda(), 1e-5)
+    out = elementwise.rms_norm(x.cuda(), norm.weight.cuda(), 1e-5)
     torch.testing.assert_close(out.cpu(), norm(x), atol=TOL[dtype], rtol=TOL[dtype])
     residual = torch.randn(37, 576, generator=gen).to(dtype)
     residual_gpu = residual.cuda()
-    out = fused.add_rms_norm(x.cuda(), residual_gpu, norm.weight.cuda(), 1e-5)
+    out = elementwise.add_rms_norm(x.cuda(), residual_gpu, norm.weight.cuda(), 1e-5)
     ref = norm.add(x, residual)  # adds in place, like the kernel
     assert torch.equal(residual_gpu.cpu(), residual)  # the stream rounds as torch's add does
     torch.testing.assert_close(out.cpu(), ref, atol=TOL[dtype], rtol=TOL[dtype])
@@ -236,7 +236,7 @@ def test_fused_ops_equal_torch_path(dtype: torch.dtype) -> None:
     ref_q, ref_k = rope(positions, q, k)
     qkv_gpu = qkv.cuda()
     q_gpu, k_gpu = qkv_gpu[:, :512].view(37, 8, 64), qkv_gpu[:, 512:640].view(37, 2, 64)
-    fused.rotary_(positions.cuda(), q_gpu, k_gpu, rope.cos.cuda(), rope.sin.cuda())
+    elementwise.rotary_(positions.cuda(), q_gpu, k_gpu, rope.cos.cuda(), rope.sin.cuda())
     torch.testing.assert_close(q_gpu.cpu(), ref_q, atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(k_gpu.cpu(), ref_k, atol=TOL[dtype], rtol=TOL[dtype])
     assert torch.equal(qkv_gpu[:, 640:].cpu(), qkv[:, 640:])  # v untouched
@@ -244,7 +244,7 @@ def test_fused_ops_equal_torch_path(dtype: torch.dtype) -> None:
     gate_up = torch.randn(37, 2 * 1536, generator=gen).to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     ref = torch.nn.functional.silu(gate) * up
-    torch.testing.assert_close(fused.silu_mul(gate_up.cuda()).cpu(), ref, atol=TOL[dtype],
+    torch.testing.assert_close(elementwise.silu_mul(gate_up.cuda()).cpu(), ref, atol=TOL[dtype],
                                rtol=TOL[dtype])
 
 
@@ -253,8 +253,8 @@ def test_fused_ops_equal_torch_path(dtype: torch.dtype) -> None:
 def test_skinny_linears_equal_cublas(dtype: torch.dtype, rows: int) -> None:
     """1-64 row linears (the GEMV; the split-K kernel with 1, 2 and 4 splits; the tile kernel up
     to 16 rows) against cuBLAS: Llama-3-8B's QKV and down shapes, a ragged N with a bias
-    (Qwen2's QKV has one), a narrow N; x rows of a wider tensor (a view). `linear` sends the
-    product where `splitk_tiles` says."""
+    (Qwen2's QKV has one), a narrow N; x rows of a wider tensor (a view). `triton_linear` (the
+    Triton backend of the model's Linear) sends the product where `splitk_tiles` says."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     tol = dict(atol=2e-2, rtol=1.6e-2) if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=1e-3)
     for n, k, with_bias in [(6144, 4096, False), (4096, 14336, False), (1000, 1024, True),
@@ -263,28 +263,28 @@ def test_skinny_linears_equal_cublas(dtype: torch.dtype, rows: int) -> None:
         w = torch.randn(n, k, device="cuda", generator=gen, dtype=dtype) / k**0.5
         b = torch.randn(n, device="cuda", generator=gen, dtype=dtype) if with_bias else None
         expected = torch.nn.functional.linear(x, w, b)
-        assert fused.skinny_fits(x, w)
-        torch.testing.assert_close(llama.linear(x, w, b), expected, **tol)
+        assert linear.skinny_fits(x, w)
+        torch.testing.assert_close(triton_linear(x, w, b), expected, **tol)
         if rows == 1:
-            ours = [fused.gemv(x, w, b)]
+            ours = [linear.gemv(x, w, b)]
         else:
-            ours = [fused.splitk_linear(x, w, b, split_k=split) for split in (1, 2, 4, 2)]
-            if rows <= fused.SKINNY_MAX_ROWS:
-                ours.append(fused.skinny_linear(x, w, b))
+            ours = [linear.splitk_linear(x, w, b, split_k=split) for split in (1, 2, 4, 2)]
+            if rows <= linear.SKINNY_MAX_ROWS:
+                ours.append(linear.skinny_linear(x, w, b))
         for y in ours:
             torch.testing.assert_close(y, expected, **tol)
     if rows > 1:
-        assert not fused._tile_counters(x.device, 1).any()  # every launch left them at zero
+        assert not linear._tile_counters(x.device, 1).any()  # every launch left them at zero
         # Replays of a captured split-K launch read this replay's partials, not the last one's.
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            y = fused.splitk_linear(x, w, b, split_k=4)
+            y = linear.splitk_linear(x, w, b, split_k=4)
         for _ in range(3):
             x.copy_(torch.randn(x.shape, device="cuda", generator=gen, dtype=dtype))
             graph.replay()
             torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), **tol)
     w = torch.empty(8, 512, device="cuda", dtype=dtype)
-    assert not fused.skinny_fits(torch.empty(65, 512, device="cuda", dtype=dtype), w)  # rows
-    assert not fused.skinny_fits(torch.empty(1, 512, device="cuda"), w.float())  # float32
-    assert not fused.skinny_fits(torch.empty(1, 576, device="cuda", dtype=dtype),
+    assert not linear.skinny_fits(torch.empty(65, 512, device="cuda", dtype=dtype), w)  # rows
+    assert not linear.skinny_fits(torch.empty(1, 512, device="cuda"), w.float())  # float32
+    assert not linear.skinny_fits(torch.empty(1, 576, device="cuda", dtype=dtype),
                                  torch.empty(8, 576, device="cuda", dtype=dtype))  # width

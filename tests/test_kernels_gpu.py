@@ -30,7 +30,7 @@ elif os.environ.get("TRITON_INTERPRET") == "1":
 else:
     pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
 
-from infinite_llm.attention import triton as kernels
+from infinite_llm.kernels import attention as kernels
 
 INTERPRET = DEVICE == "cpu"
 # (max |err| tolerance on out, on lse, max relative norm error on out) per dtype.

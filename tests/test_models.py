@@ -19,7 +19,16 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from infinite_llm.config import RopeScaling
-from infinite_llm.models.llama import PACKED_ROWS, AttentionFn, Linear, LlamaForCausalLM
+from infinite_llm.models.layers import (
+    PACKED_ROWS,
+    GateUpSiLU,
+    Linear,
+    PackedLinear,
+    pack_weight,
+    packed_linear,
+    silu_mul,
+)
+from infinite_llm.models.llama import AttentionFn, LlamaForCausalLM
 from infinite_llm.models.loader import (
     CheckpointError,
     ModelNotFoundError,
@@ -71,10 +80,10 @@ def _assert_same_logits_as_hf(path: Path, lengths: tuple[int, ...], packed: bool
     model = load_model(path, torch.float32, CPU)
     if packed:  # as the engine runs on CPU: the batch's rows go to oneDNN's packed weights
         assert sum(lengths) in PACKED_ROWS
-        model.pack_cpu_weights()
+        model.process_weights_after_loading()
         linears = [m for m in model.modules() if isinstance(m, Linear)]
-        assert linears and all(m.packed is not None for m in linears)
-        assert model.lm_head is not None or model._tied_packed is not None
+        assert model.lm_head in linears and all(isinstance(m.product, PackedLinear)
+                                                for m in linears)
     ours = _our_logits(model, prompts)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     for ids, logits in zip(prompts, ours, strict=True):
@@ -97,6 +106,29 @@ def test_logits_equal_hugging_face(tiny_checkpoint, arch: str, packed: bool) -> 
 @pytest.mark.parametrize("packed", [False, True], ids=["F.linear", "packed"])
 def test_default_model_logits_equal_hugging_face(default_model_path: Path, packed: bool) -> None:
     _assert_same_logits_as_hf(default_model_path, (23, 7), packed)
+
+
+def test_layers_pick_their_cpu_backend_after_loading(tiny_checkpoint) -> None:
+    """float32 linears take oneDNN's packed weights once loaded (the MLP then runs gate and up
+    as one product at the packed rows); bfloat16 ones stay on F.linear. A tied head is a Linear
+    over the embedding's own parameter."""
+    model = load_model(tiny_checkpoint("qwen2"), torch.float32, CPU)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    mlp = model.model.layers[0].mlp.gate_up_proj
+    assert isinstance(mlp, GateUpSiLU) and mlp.product is F.linear and mlp.fused_rows == range(1, 2)
+    model.process_weights_after_loading()
+    assert isinstance(model.lm_head.product, PackedLinear) and mlp.fused_rows == PACKED_ROWS
+    x = torch.randn(200, mlp.weight.shape[1])
+    gate, up = mlp.weight.chunk(2)
+    with torch.inference_mode():
+        for rows in (1, 128):  # one product on the packed weight
+            one = silu_mul(packed_linear(x[:rows], pack_weight(mlp.weight)))
+            assert torch.equal(mlp(x[:rows]), one)
+        two = F.silu(F.linear(x, gate)) * F.linear(x, up)  # 200 rows: two products by MKL
+        assert torch.equal(mlp(x), two)
+    model = load_model(tiny_checkpoint("qwen2"), torch.bfloat16, CPU)
+    model.process_weights_after_loading()
+    assert all(m.product is F.linear for m in model.modules() if isinstance(m, Linear))
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ from torch import Tensor
 from infinite_llm.attention import reference
 from infinite_llm.attention.reference import PagedBatch
 
-if TYPE_CHECKING:  # the triton package imports triton: only where CUDA kernels run
-    from infinite_llm.attention.triton.decode import DecodeConfig
+if TYPE_CHECKING:  # the kernels import triton: only where CUDA kernels run
+    from infinite_llm.kernels.decode import DecodeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def attention_ops(device: torch.device | str) -> AttentionOps:
     if torch.device(device).type != "cuda":
         return REFERENCE_OPS
     try:
-        from infinite_llm.attention import triton as kernels
+        from infinite_llm.kernels import attention as kernels
     except ImportError as error:
         logger.warning("triton kernels unavailable (%s); using the torch reference", error)
         return REFERENCE_OPS
@@ -58,7 +58,7 @@ def graph_decode_config(q: Tensor, k_cache: Tensor, max_kv: int) -> DecodeConfig
     cover all steps, and the launch stays within one round of resident programs), each row
     dividing its own keys over the splits (steps differ in lengths, not in launch shape), and
     the tiles for that."""
-    from infinite_llm.attention import triton as kernels
+    from infinite_llm.kernels import attention as kernels
 
     config = kernels.default_config(k_cache, q.shape[0])
     splits = kernels.choose_splits(q.shape[0], q, k_cache, max_kv, config)
@@ -71,7 +71,7 @@ def graph_decode_configs(q: Tensor, k_cache: Tensor, max_kv: int) -> list[Decode
     """Every `graph_decode_config` that steps of `q`'s rows with up to `max_kv` keys can get:
     the split counts up to the largest, each with tiles of 64, and the largest also with tiles
     of 128 where `long_tiles` gives them (fewer keys never take more splits)."""
-    from infinite_llm.attention import triton as kernels
+    from infinite_llm.kernels import attention as kernels
 
     top = graph_decode_config(q, k_cache, max_kv)
     base = kernels.default_config(k_cache, q.shape[0])
@@ -83,7 +83,7 @@ def graph_decode_configs(q: Tensor, k_cache: Tensor, max_kv: int) -> list[Decode
 
 def graph_decode_ops(config: DecodeConfig) -> AttentionOps:
     """The Triton ops with the decode launch fixed to `config`."""
-    from infinite_llm.attention import triton as kernels
+    from infinite_llm.kernels import attention as kernels
 
     return AttentionOps(kernels.store_kv, partial(kernels.decode_attention, config=config),
                         kernels.merge)

@@ -90,8 +90,8 @@ class RopeTable:
     """RoPE at one step's positions, shared by every layer of the step.
 
     The rows of the step's positions are gathered at the first `rotate` and kept for the later
-    layers. The fused CUDA kernel reads `positions` and the full tables itself, so a CUDA step
-    never builds them (nor records them into its graph).
+    layers. The Triton backend of `layers.Rotary` reads `positions` and the full tables itself,
+    so a CUDA step never builds them (nor records them into its graph).
 
     `x * cos + rotate_half(x) * sin` as transformers computes it, in two products and a sum over
     whole heads: the first half's `x1 * cos + (-x2) * sin` is `x1 * cos + x2 * (-sin)` bit for bit

@@ -12,7 +12,7 @@ measured both ways, then on the other choice once. After that, steps run on whic
 thread or all threads has the lower recent seconds per token for their size class; the other is
 retried once the time spent since its last try reaches `explore_every` times its expected cost,
 so trying the slower choice costs at most about 1 / explore_every of the time. One-token steps
-are measured like the rest: with oneDNN's packed weights (`llama.linear`) their products run
+are measured like the rest: with oneDNN's packed weights (`models.layers.Linear`) their products run
 faster on two idle cores than on one (`benchmarks/throughput.py --linears`). The thread count is
 restored after every step.
 """

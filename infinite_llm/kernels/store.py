@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from infinite_llm.attention.triton.common import next_pow2, pdl_args, wait_for_inputs
+from infinite_llm.kernels.common import next_pow2, pdl_args, wait_for_inputs
 
 
 @triton.jit

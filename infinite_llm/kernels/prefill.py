@@ -11,13 +11,14 @@ latest query position, with the causal and length masks. A segment wholly before
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from infinite_llm.attention.reference import PagedBatch
-from infinite_llm.attention.triton.common import (
+from infinite_llm.kernels.common import (
     LOG2E,
     dot_precision,
     finish,
@@ -25,6 +26,9 @@ from infinite_llm.attention.triton.common import (
     next_pow2,
     softmax_step,
 )
+
+if TYPE_CHECKING:  # a type only: the kernels import nothing from the layers above them
+    from infinite_llm.attention.reference import PagedBatch
 
 
 @triton.jit

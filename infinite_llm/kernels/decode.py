@@ -9,22 +9,22 @@ rounds runs nearly as long as 2. One split when rows x kv_heads already keep the
 more for long contexts of a few rows. Splits write fp32 partials that `merge_into` reduces
 exactly; with one split the kernel writes the final output directly. (Merging inside the kernel,
 by the last split to finish, measured slower on an H100, down to half the bandwidth at 4K x 1:
-the merges then run after the wave, one program per GQA group; see
-benchmarks/results/kernels_h100.txt.)
+the merges then run after the wave, one program per GQA group;
+`python benchmarks/attention_kernels.py`.)
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from infinite_llm.attention.reference import PagedBatch
-from infinite_llm.attention.triton.common import (
+from infinite_llm.kernels.common import (
     LOG2E,
     dot_precision,
     finish,
@@ -34,7 +34,10 @@ from infinite_llm.attention.triton.common import (
     release_dependents,
     softmax_step,
 )
-from infinite_llm.attention.triton.merge import merge_into
+from infinite_llm.kernels.merge import merge_into
+
+if TYPE_CHECKING:  # a type only: the kernels import nothing from the layers above them
+    from infinite_llm.attention.reference import PagedBatch
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ LOG2E = 1.4426950408889634
 # launched so. Decode and merge only release: launched with PDL they ran a decode -> merge ->
 # decode chain up to 0.67x slower at 1K-32K x 1 on an H100; decode alone launched so gained at
 # batch 1, lost up to 7% at batch 8 and left the engine's steps level
-# (benchmarks/results/kernels_h100.txt, sessions 6 and 8).
+# (`python benchmarks/attention_kernels.py` with and without INFINITE_LLM_PDL=0).
 # INFINITE_LLM_PDL=0 launches everything the plain way (benchmarks compare the two).
 PDL_ENABLED = os.environ.get("INFINITE_LLM_PDL", "1") != "0"
 

@@ -1,24 +1,29 @@
-"""Triton GPU kernels with the signatures of `infinite_llm.attention.reference`.
+"""The Triton attention kernels with the signatures of `infinite_llm.attention.reference`:
+what `infinite_llm.attention.attention_ops` hands DistAttention on CUDA devices.
 
-Importing this package imports triton; `infinite_llm.attention.attention_ops` imports it only on
-CUDA devices, so CPU machines without triton never do.
+Importing this module imports triton; `attention_ops` imports it only on CUDA devices, so CPU
+machines without triton never do.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
-from infinite_llm.attention.reference import PagedBatch
-from infinite_llm.attention.triton.decode import (
+from infinite_llm.kernels.decode import (
     DecodeConfig,
     choose_splits,
     decode_attention,
     default_config,
     long_tiles,
 )
-from infinite_llm.attention.triton.merge import merge, merge_into
-from infinite_llm.attention.triton.prefill import prefill_attention
-from infinite_llm.attention.triton.store import store_kv
+from infinite_llm.kernels.merge import merge, merge_into
+from infinite_llm.kernels.prefill import prefill_attention
+from infinite_llm.kernels.store import store_kv
+
+if TYPE_CHECKING:  # a type only: the kernels import nothing from the layers above them
+    from infinite_llm.attention.reference import PagedBatch
 
 __all__ = [
     "DecodeConfig",
