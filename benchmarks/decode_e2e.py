@@ -214,7 +214,7 @@ def measure_decode(llm: LLM, batch: int, context: int, args: argparse.Namespace,
         engine.step()
     preemptions = engine.num_preemptions
     kv_tokens = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outputs)
-    graphs = engine.instance.graphs
+    graphs = engine.instance.runner.graphs
     num_graphs = 0 if graphs is None else len(graphs.graphs)
     pauses: list[float] = []  # Python's full collections while timed, seconds each
     gc_start: list[float] = []
@@ -331,9 +331,9 @@ def decode_table(args: argparse.Namespace, device: torch.device, folder: Path) -
     start = time.perf_counter()
     llm = LLM(str(folder), **options)
     engine = llm.engine
-    if engine.instance.graphs is not None:
+    if engine.instance.runner.graphs is not None:
         print(f"engine start: {time.perf_counter() - start:.1f} s, with "
-              f"{len(engine.instance.graphs.graphs)} decode graphs captured")
+              f"{len(engine.instance.runner.graphs.graphs)} decode graphs captured")
     model = engine.instance.model
     params = sum(p.numel() for p in model.parameters())
     total_blocks = llm.kv_stats()[0].total
@@ -357,10 +357,10 @@ def decode_table(args: argparse.Namespace, device: torch.device, folder: Path) -
                 continue
             rows[batch, context] = row
             print_row(row)
-    if engine.instance.graphs is not None:  # (no local name: HF below needs the pool freed)
+    if engine.instance.runner.graphs is not None:  # (no local name: HF below needs the pool freed)
         print(f"decode steps queued ahead (async scheduling): "
-              f"{engine.instance.graphs.steps_ahead}, of which used "
-              f"{engine.instance.graphs.steps_ahead_used}", flush=True)
+              f"{engine.instance.runner.steps_ahead}, of which used "
+              f"{engine.instance.runner.steps_ahead_used}", flush=True)
     if args.no_hf:
         return
     # Greedy tokens of ours for the HF cross-check, then only the model is kept.

@@ -57,15 +57,15 @@ def test_graph_tokens_equal_eager_and_hugging_face(tiny_llama: Path) -> None:
     prompts += [[11] * 900, [12] * 1000]  # long rows: the decode kernel splits them
     params += [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)] * 2
     eager, eager_llm = _generate(tiny_llama, prompts, params, enforce_eager=True)
-    assert eager_llm.engine.instance.graphs is None
+    assert eager_llm.engine.instance.runner.graphs is None
     graphed, llm = _generate(tiny_llama, prompts, params)
     assert graphed == eager
-    graphs = llm.engine.instance.graphs
+    graphs = llm.engine.instance.runner.graphs
     assert set(graphs.replays) <= set(graphs.graphs)
     assert len(graphs.graphs) > len(graphs.replays)  # all captured at start, some never used
     assert len({rows for rows, _ in graphs.replays}) >= 3, graphs.replays  # the batch shrank
     assert any(config.splits > 1 for _, config in graphs.replays), graphs.replays
-    assert graphs.steps_ahead_used > 0  # async scheduling took part
+    assert llm.engine.instance.runner.steps_ahead_used > 0  # async scheduling took part
     assert all(s.free == s.total for s in llm.kv_stats())
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda()
     for ids, p, ours in list(zip(prompts, params, graphed))[::6]:
@@ -78,7 +78,7 @@ def test_decode_graphs_are_captured_at_start(tiny_llama: Path) -> None:
     """Serving replays graphs captured when the engine started: none is captured mid-run."""
     llm = LLM(str(tiny_llama), device="cuda", dtype="float32", block_size=16,
               num_kv_blocks=512, max_num_seqs=40)
-    graphs = llm.engine.instance.graphs
+    graphs = llm.engine.instance.runner.graphs
     at_start = dict(graphs.graphs)
     assert {rows for rows, _ in at_start} == set(buckets(40))
     splits = sorted(config.splits for rows, config in at_start if rows == 1)
@@ -124,8 +124,8 @@ def test_async_scheduling_gives_the_same_outputs(tiny_llama: Path) -> None:
     got, llm = run(True)
     assert got == expected
     assert {finish for _, finish, _ in got.values()} == {"stop", "length", "abort"}
-    graphs = llm.engine.instance.graphs
-    assert 0 < graphs.steps_ahead_used < graphs.steps_ahead  # some were dropped
+    runner = llm.engine.instance.runner
+    assert 0 < runner.steps_ahead_used < runner.steps_ahead  # some were dropped
 
 
 @pytest.mark.parametrize("backend", [
