@@ -33,9 +33,9 @@ import triton
 from triton.testing import do_bench
 
 from infinite_llm.attention import graph_decode_config, graph_decode_ops
-from infinite_llm.attention.reference import PagedBatch
 from infinite_llm.kernels import attention as kernels
 from infinite_llm.kernels.common import pdl_args
+from infinite_llm.kvcache.paged import PagedBatch
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16

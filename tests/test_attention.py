@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infinite_llm.attention.reference import (
-    PagedBatch,
     _flash_attention_cpu,
     _softmax_attention,
     merge,
     paged_attention,
     store_kv,
 )
+from infinite_llm.kvcache.paged import PagedBatch
 
 
 def _dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor):

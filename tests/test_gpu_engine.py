@@ -21,10 +21,10 @@ from transformers import AutoModelForCausalLM
 
 from infinite_llm import LLM, SamplingParams
 from infinite_llm.attention import PAD_SLOT, reference
-from infinite_llm.attention.reference import PagedBatch
 from infinite_llm.config import RopeScaling
 from infinite_llm.kernels import attention as kernels
 from infinite_llm.kernels import elementwise, linear
+from infinite_llm.kvcache.paged import PagedBatch
 from infinite_llm.models.layers import RMSNorm, triton_linear
 from infinite_llm.models.rope import RotaryEmbedding
 from infinite_llm.worker.cuda_graphs import buckets

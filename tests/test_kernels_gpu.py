@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from infinite_llm.attention import attention_ops, reference
-from infinite_llm.attention.reference import PagedBatch
+from infinite_llm.kvcache.paged import PagedBatch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)

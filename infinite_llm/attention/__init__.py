@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from infinite_llm.attention import reference
-from infinite_llm.attention.reference import PagedBatch
+from infinite_llm.kvcache.paged import PagedBatch
 
 if TYPE_CHECKING:  # the kernels import triton: only where CUDA kernels run
     from infinite_llm.kernels.decode import DecodeConfig

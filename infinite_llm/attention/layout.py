@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from infinite_llm.attention.reference import PagedBatch
 from infinite_llm.comm import Cluster
+from infinite_llm.kvcache.paged import PagedBatch
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.request import ScheduledBatch
 

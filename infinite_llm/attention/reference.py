@@ -16,11 +16,13 @@ which keys each query sees), so it is worked out once per batch (`_KeyLayout`) a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 from torch import Tensor
+
+from infinite_llm.kvcache.paged import PagedBatch
 
 
 @dataclass(slots=True)
@@ -38,26 +40,6 @@ class _KeyLayout:
     results: Tensor | None  # [n] int64, the padded query of each of the group's n tokens;
     #                         None if no row is padded (n == R * Q)
     tokens: Tensor | None  # [n] int64, the group's tokens in the step; None if all, in order
-
-
-@dataclass(slots=True)
-class PagedBatch:
-    """Which KV each query attends to in one pool; see the module docstring."""
-
-    cu_q_lens: Tensor  # [num_rows + 1] int64: queries of row i are q[cu_q_lens[i]:cu_q_lens[i+1]]
-    q_positions: Tensor  # [num_tokens] int64, absolute positions
-    block_tables: Tensor  # [num_rows, max_blocks] int32, padded with 0
-    kv_starts: Tensor  # [num_rows] int64, absolute position of the row's first key
-    kv_lens: Tensor  # [num_rows] int64, number of keys in the row
-    q_lens: list[int]  # host copy of cu_q_lens' differences, for Python-side control flow
-    kv_lens_host: list[int]  # host copy of kv_lens
-    # Built by `paged_attention` on first use and reused by later layers; the fields above must
-    # not change once layouts exist (build a new batch instead).
-    layouts: list[_KeyLayout] | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.q_lens)
 
 
 def store_kv(

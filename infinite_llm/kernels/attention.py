@@ -23,7 +23,7 @@ from infinite_llm.kernels.prefill import prefill_attention
 from infinite_llm.kernels.store import store_kv
 
 if TYPE_CHECKING:  # a type only: the kernels import nothing from the layers above them
-    from infinite_llm.attention.reference import PagedBatch
+    from infinite_llm.kvcache.paged import PagedBatch
 
 __all__ = [
     "DecodeConfig",

@@ -37,7 +37,7 @@ from infinite_llm.kernels.common import (
 from infinite_llm.kernels.merge import merge_into
 
 if TYPE_CHECKING:  # a type only: the kernels import nothing from the layers above them
-    from infinite_llm.attention.reference import PagedBatch
+    from infinite_llm.kvcache.paged import PagedBatch
 
 
 @dataclass(frozen=True, slots=True)

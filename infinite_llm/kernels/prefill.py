@@ -28,7 +28,7 @@ from infinite_llm.kernels.common import (
 )
 
 if TYPE_CHECKING:  # a type only: the kernels import nothing from the layers above them
-    from infinite_llm.attention.reference import PagedBatch
+    from infinite_llm.kvcache.paged import PagedBatch
 
 
 @triton.jit

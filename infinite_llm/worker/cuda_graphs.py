@@ -26,7 +26,7 @@ from torch import Tensor
 from infinite_llm.attention import PAD_SLOT, graph_decode_config, graph_decode_configs
 from infinite_llm.attention.dist import DistAttention
 from infinite_llm.attention.layout import StepLayout
-from infinite_llm.attention.reference import PagedBatch
+from infinite_llm.kvcache.paged import PagedBatch
 from infinite_llm.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:  # imports triton: CPU-only installs never need it
