@@ -5,8 +5,11 @@ serves, and a dead worker fails the driver instead of hanging it."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -17,7 +20,7 @@ import torch
 
 from infinite_llm import LLM, ConfigError, SamplingParams
 from infinite_llm.cluster.gmanager import Migration, Plan
-from infinite_llm.comm import WorkerError
+from infinite_llm.comm import WorkerError, free_port
 from infinite_llm.engine.engine import MigrationError, RequestError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
@@ -248,3 +251,37 @@ def test_a_second_engine_is_refused_and_the_first_keeps_running(llama_path: Path
         outs = llm.generate(SHORT[:2], GREEDY, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == reference["short"][:2]
         assert _all_free(llm)
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+from infinite_llm import LLM, SamplingParams
+from infinite_llm.cluster.driver import WorkerExit
+path, prompt, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+try:
+    llm = LLM(path, num_instances=2, block_size=4, num_kv_blocks=10, worker_timeout_s=120)
+except WorkerExit:
+    open(out + ".worker", "w").write("served")  # rank 1: a worker until rank 0 shut down
+    raise
+params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+tokens = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+llm.engine.shutdown()
+open(out, "w").write(json.dumps(tokens))
+"""
+
+
+def test_torchrun_ranks_become_workers(llama_path: Path, reference, tmp_path: Path) -> None:
+    """Under torchrun every rank runs the script: rank 1 serves rank 0's plans inside `LLM(...)`
+    and leaves through `WorkerExit` (status 0) when rank 0 shuts down; rank 0's long request,
+    spread over both ranks (10 blocks each), gives the one-instance tokens."""
+    script = tmp_path / "script.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    out = tmp_path / "tokens.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script),
+         str(llama_path), json.dumps(LONG), str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(out.read_text()) == reference["long"]
+    assert (tmp_path / "tokens.json.worker").read_text() == "served"
