@@ -6,7 +6,7 @@ from infinite_llm.entrypoints.api import LLM
 from infinite_llm.models.loader import ModelNotFoundError
 from infinite_llm.outputs import CompletionOutput, RequestOutput
 from infinite_llm.sampling import SamplingParams, SamplingParamsError
+from infinite_llm.version import __version__
 
 __all__ = ["LLM", "CompletionOutput", "ConfigError", "ModelNotFoundError", "RequestError",
-           "RequestOutput", "SamplingParams", "SamplingParamsError"]
-__version__ = "0.1.0"
+           "RequestOutput", "SamplingParams", "SamplingParamsError", "__version__"]

@@ -1,5 +1,14 @@
-"""The simulator, calibrated on this machine from a small real run, predicts that run's
-pooled/static throughput ratio within 25%.
+"""The lockstep simulator runs the engine's schedule step for step, and, calibrated on this
+machine from a small real run, predicts that run's pooled/static throughput ratio within 25%.
+
+Step for step: a burst of chats, prompts longer than a chunk and documents longer than one
+instance, on 2 and 3 CPU instances with pools small enough to preempt and to lease (the second
+with the GPU policy, leases to running instances). The engine's clock plays no part in a
+burst's schedule, so the simulator, which schedules with the engine's own scheduler and
+places blocks as its rManager does, must take the same steps, preempt as often, exchange in
+the same steps and finish the same requests in each step.
+
+The ratio:
 
 A tiny random Llama on 3 CPU instances (more processes than cores, as in the benchmark), pools of
 768 tokens, a trace where long requests need more than half an instance among short chats. The
@@ -19,14 +28,18 @@ are printed beside it as a cross-check.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from itertools import groupby
 from pathlib import Path
 
 import pytest
 
 from infinite_llm import LLM
+from infinite_llm.cluster.gmanager import GManager
 from infinite_llm.sim import trace as tr
 from infinite_llm.sim.calibrate import StepSample, bytes_per_token, fit, max_parallel, measure
-from infinite_llm.sim.lockstep import engine_sim_config, simulate_lockstep
+from infinite_llm.sim.cost import CostModel
+from infinite_llm.sim.lockstep import LockstepSimulator, engine_sim_config, simulate_lockstep
 from infinite_llm.sim.replay import Replay, replay, run_metrics
 from infinite_llm.sim.report import metrics
 from infinite_llm.sim.tiny_model import write_tiny_llama
@@ -52,6 +65,41 @@ def throughput(runs: list[Replay]) -> tuple[float, float]:
     assert all(m.finished == m.requests and m.rejected == 0 for m in ms)
     tokens = sum(m.output_tokens for m in ms)
     return tokens / sum(m.span_s for m in ms), tokens / sum(m.num_steps for m in ms)
+
+
+def finish_groups(finishes: list[tuple[float, str]]) -> list[set[str]]:
+    """Request ids by the step that finished them, in order (a step's finishes share a time)."""
+    return [{rid for _, rid in group} for _, group in groupby(sorted(finishes), lambda f: f[0])]
+
+
+@pytest.mark.parametrize(("instances", "lend_to_running"), [(2, False), (3, True)])
+def test_lockstep_simulator_takes_the_engines_steps(tmp_path: Path, instances: int,
+                                                   lend_to_running: bool) -> None:
+    model = str(write_tiny_llama(tmp_path / "tiny"))
+    spec = tr.TraceSpec(num=12, rate=30.0, seed=0, long_frac=0.3, short_prompt=(8, 24),
+                        long_prompt=(30, 50), output=(8, 30))
+    trace = burst(spec) + [tr.TraceRequest(f"doc{i}", 0.0, 100 + 7 * i, 12)
+                           for i in range(instances)]
+    llm = LLM(model, num_instances=instances, num_kv_blocks=10, block_size=8,
+              max_num_batched_tokens=32, max_num_seqs=8, device="cpu", worker_timeout_s=120)
+    try:
+        engine = llm.engine
+        engine.gmanager = GManager(replace(engine.gmanager.config,
+                                           lend_to_running=lend_to_running))
+        run = replay(engine, trace, "pooled")
+        config = engine.config
+    finally:
+        llm.engine.shutdown()
+    cost = CostModel.from_json()
+    sim = LockstepSimulator(replace(engine_sim_config(config, cost),
+                                    lend_to_running=lend_to_running), cost, trace)
+    result = sim.run()
+    assert all(t.finish_s is not None for t in run.timings)
+    assert result.num_preemptions == run.preemptions > 0
+    assert result.exchange_steps == run.exchange_steps > 0
+    assert result.num_steps == run.num_steps
+    assert finish_groups([(r.finish_s, r.request_id) for r in sim.requests]) == \
+        finish_groups([(t.finish_s, t.request_id) for t in run.timings])
 
 
 def test_simulator_predicts_the_engines_pooled_over_static_ratio(tmp_path: Path) -> None:

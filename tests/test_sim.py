@@ -1,22 +1,33 @@
 """The cluster simulator: runs finish, every request is accounted once, and the modes differ
-where they should (static rejects what one instance can't hold; pooled serves it)."""
+where they should (static rejects what one instance can't hold; pooled serves it). The lockstep
+simulator schedules with the engine's scheduler over the ledger, which places blocks exactly as
+the engine's rManager does."""
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
+from infinite_llm.cluster.gmanager import Lease
+from infinite_llm.kvcache.pool import KVPool
+from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.request import Request, ScheduledBatch, Segment
+from infinite_llm.sampling import SamplingParams
 from infinite_llm.sim import trace as tr
 from infinite_llm.sim.__main__ import main as sim_main
-from infinite_llm.sim.cluster import SimConfig, Simulator, simulate
+from infinite_llm.sim.cluster import PlannedCluster, SimConfig, Simulator, simulate
 from infinite_llm.sim.cost import DEFAULT_CALIBRATION, CostModel
+from infinite_llm.sim.ledger import BlockLedger, InstanceBlocks
 from infinite_llm.sim.lockstep import LockstepSimulator
 from infinite_llm.sim.report import memory_table, metrics
 from infinite_llm.sim.request import Status
+from infinite_llm.worker.scheduler import Scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED_IN = ROOT / "benchmarks" / "traces" / "mixed_small.jsonl"
@@ -31,7 +42,7 @@ def small_trace(num: int = 120, rate: float = 40.0, seed: int = 0) -> list[tr.Tr
     return tr.generate(tr.TraceSpec(num=num, rate=rate, seed=seed, long_frac=0.15))
 
 
-def assert_accounted(sim: Simulator) -> None:
+def assert_accounted(sim: PlannedCluster) -> None:
     """Every request finished or rejected exactly once, and every block is free again."""
     statuses = [r.status for r in sim.requests]
     assert all(s in (Status.FINISHED, Status.REJECTED) for s in statuses)
@@ -43,6 +54,9 @@ def assert_accounted(sim: Simulator) -> None:
         else:
             assert r.owner is None and r.first_token_s is None
         assert r.num_blocks == 0 and not r.blocks
+    if isinstance(sim, LockstepSimulator):  # the engine requests are gone with their blocks
+        assert all(isinstance(inst.scheduler, Scheduler) and not inst.requests
+                   and not inst.scheduler.num_unfinished for inst in sim.instances)
     ledger = sim.ledger
     ledger.check()
     assert ledger.free == [ledger.total] * len(ledger.free)
@@ -119,7 +133,7 @@ def test_lockstep_pair_too_large_to_run_together_finishes(lend_to_running: bool)
     blocks and is lent to first), with one preemption at most."""
     trace = [tr.TraceRequest(f"doc{i}", 0.0, 48, 8) for i in range(2)]
     cfg = SimConfig(2, "pooled", blocks_per_instance=10, block_size=4, max_batched_tokens=8,
-                    reserve_blocks=0, max_stall_steps=4, stuck_after_s=30.0,
+                    reserve_blocks=0, stuck_after_s=30.0,
                     lend_to_running=lend_to_running)
     sim = LockstepSimulator(cfg, COST, trace)
     result = sim.run()
@@ -135,8 +149,7 @@ def test_lockstep_counts_memory_stranded_beside_a_blocked_head() -> None:
     in the fourth step: 3 waiting steps, free (0.25 + 0.25 + 1) / 3 = 50%, head blocked in 2 of
     4 instance-steps, 4 output tokens in 4 steps."""
     trace = [tr.TraceRequest("a", 0.0, 33, 3), tr.TraceRequest("b", 0.0, 33, 1)]
-    cfg = SimConfig(1, "static", blocks_per_instance=4, block_size=16, reserve_blocks=0,
-                    max_stall_steps=4)
+    cfg = SimConfig(1, "static", blocks_per_instance=4, block_size=16, reserve_blocks=0)
     sim = LockstepSimulator(cfg, COST, trace)
     m = metrics(sim.run())
     assert_accounted(sim)
@@ -153,7 +166,7 @@ def test_lockstep_memory_table_where_long_requests_strand_static_memory() -> Non
     sized for, and the trace is meant to keep them saturated."""
     trace = [replace(r, arrival_s=r.arrival_s / 10)
              for r in tr.load(ROOT / "benchmarks" / "traces" / "halfplus_4x1k.jsonl")]
-    cfg = SimConfig(4, "static", blocks_per_instance=64, reserve_blocks=0, max_stall_steps=4,
+    cfg = SimConfig(4, "static", blocks_per_instance=64, reserve_blocks=0,
                     efficient_batch_tokens=256, lend_to_running=False)
     static, cpu, lending = (
         metrics(LockstepSimulator(c, COST, trace).run())
@@ -168,6 +181,108 @@ def test_lockstep_memory_table_where_long_requests_strand_static_memory() -> Non
     assert lending.output_tokens_per_step > static.output_tokens_per_step
     assert lending.preemptions >= static.preemptions == 0
     assert "beside queue" in memory_table([static, cpu, lending])
+
+
+def engine_request(request_id: str, num_tokens: int) -> Request:
+    return Request(request_id, [0] * num_tokens, SamplingParams(), 8, frozenset())
+
+
+def placement(request: Request) -> list[tuple[int, int, int]]:
+    return [(s.instance, s.start, s.num_blocks) for s in request.segments]
+
+
+def test_ledger_places_blocks_where_the_rmanager_does() -> None:
+    """Instance 0 of 8 blocks x 4 tokens, with leases of 4 blocks from instance 1 and 2 from
+    instance 2. `b` spills onto instance 1; once `a` frees 4 local blocks, `b` still grows on
+    instance 1 (its tail, as `RManager.reserve` places), and `c` takes the local blocks, then
+    the creditors by most room (instance 2's two before instance 1's last); `d` finds no block
+    where it needs 2 and changes nothing."""
+    rmanager = RManager(KVPool(1, 8, 4, 1, 1, torch.float32, torch.device("cpu")), 0)
+    ledger = BlockLedger(3, 8, 4, set())
+    blocks = InstanceBlocks(ledger, 0)
+    for creditor, n in ((1, 4), (2, 2)):
+        rmanager.receive_lease(creditor, n)
+        ledger.lend(Lease(0, creditor, n))
+    pairs = {rid: (engine_request(rid, 64), engine_request(rid, 64)) for rid in "abcd"}
+
+    def both(op: str, rid: str, *args: int) -> list[tuple[int, int, int]]:
+        engine, sim = pairs[rid]
+        results = [getattr(owner, op)(r, *args) for owner, r in ((rmanager, engine), (blocks, sim))]
+        assert results[0] == results[1]
+        assert placement(engine) == placement(sim)
+        assert rmanager.available_blocks() == blocks.available_blocks()
+        return placement(sim)
+
+    assert both("reserve", "a", 16) == [(0, 0, 4)]
+    assert both("reserve", "b", 24) == [(0, 0, 4), (1, 16, 2)]
+    both("free", "a")
+    for r in pairs["b"]:
+        r.num_computed_tokens = 24
+    assert both("reserve", "b", 4) == [(0, 0, 4), (1, 16, 3)]
+    assert both("reserve", "c", 28) == [(0, 0, 4), (2, 16, 2), (1, 24, 1)]
+    assert both("reserve", "d", 8) == []
+    assert blocks.available_blocks() == 0 and (ledger.free, ledger.own, ledger.borrowed) == \
+        ([0, 4, 6], [8, 0, 0], [6, 0, 0])
+    ledger.check()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ledger_allocator_matches_the_rmanager_through_random_steps(seed: int) -> None:
+    """Random reserves, frees, migrations out, leases and their expiry on one owner: the
+    ledger's allocator and a real `RManager` answer alike and place every block alike."""
+    rng = random.Random(seed)
+    rmanager = RManager(KVPool(1, 12, 4, 1, 1, torch.float32, torch.device("cpu")), 0)
+    ledger = BlockLedger(4, 12, 4, set())
+    blocks = InstanceBlocks(ledger, 0)
+    pairs = [(engine_request(f"r{i}", 200), engine_request(f"r{i}", 200)) for i in range(5)]
+    for _ in range(400):
+        engine, sim = rng.choice(pairs)
+        op = rng.random()
+        if op < 0.5:
+            n = rng.randint(1, 24)
+            assert rmanager.reserve(engine, n) == blocks.reserve(sim, n)
+            if rng.random() < 0.5 and blocks.blocks_needed(sim, n) == 0:
+                engine.num_computed_tokens = sim.num_computed_tokens = \
+                    min(200, sim.num_computed_tokens + n)
+        elif op < 0.65:
+            rmanager.free(engine)
+            blocks.free(sim)
+            engine.num_computed_tokens = sim.num_computed_tokens = 0
+        elif op < 0.75:
+            target = rng.randint(1, 3)
+            if any(s.instance == 0 for s in sim.segments) \
+                    and blocks.migrate_out(sim, target):
+                rmanager.migrate_out(engine, target)
+        elif op < 0.9:
+            creditor = rng.randint(1, 3)
+            n = rng.randint(1, max(1, ledger.free[creditor]))
+            if ledger.free[creditor]:
+                ledger.lend(Lease(0, creditor, n))
+                rmanager.receive_lease(creditor, n)
+        else:
+            ledger.expire_credit()
+            rmanager.end_step()
+        assert placement(engine) == placement(sim)
+        assert rmanager.available_blocks() == blocks.available_blocks()
+        assert rmanager.stats().own == ledger.own[0]
+        assert rmanager.stats().borrowed == ledger.borrowed[0]
+        ledger.check()
+
+
+def test_lockstep_step_exchanges_for_a_request_whose_kv_is_all_elsewhere() -> None:
+    """A request whose blocks all lie on a creditor (admitted on a lease, or migrated whole)
+    sends its queries there every step, as in the engine: the step pays the exchange, and the
+    creditor the attention over its 21 tokens of context in its next step."""
+    sim = LockstepSimulator(SimConfig(2, "pooled", block_size=16), COST, [])
+    request = engine_request("remote", 20)
+    request.segments.append(Segment(1, 0, 2))
+    request.num_computed_tokens = 20
+    sim.instances[0].batch = ScheduledBatch.of([request], [1])
+    kv = COST.per_kv_byte_s * 21 * COST.kv_bytes_per_token
+    assert sim._step_s() == COST.cluster_step_s(
+        [COST.compute_s(1, 21 * COST.kv_bytes_per_token)],
+        COST.exchange_s(COST.exchange_bytes_per_token))
+    assert sim.instances[1].extra_s == kv
 
 
 def test_runs_are_deterministic() -> None:

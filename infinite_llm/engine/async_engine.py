@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infinite_llm.engine.engine import LLMEngine
-from infinite_llm.metrics import EngineMetrics
+from infinite_llm.engine.metrics import EngineMetrics
 from infinite_llm.outputs import RequestDelta, RequestOutput
 from infinite_llm.request import FinishReason
 from infinite_llm.sampling import SamplingParams

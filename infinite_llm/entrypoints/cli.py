@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         from infinite_llm.entrypoints.bench import main as bench_main
 
         return bench_main(args)
-    from infinite_llm import LLM, SamplingParams  # after parsing, so --help is instant
+    from infinite_llm.entrypoints.api import LLM  # after parsing, so --help is instant
+    from infinite_llm.sampling import SamplingParams
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,

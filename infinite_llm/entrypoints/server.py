@@ -30,13 +30,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from infinite_llm import __version__
 from infinite_llm.config import ConfigError, EngineConfig
 from infinite_llm.engine.async_engine import AsyncLLMEngine
+from infinite_llm.engine.metrics import CONTENT_TYPE, EngineMetrics
 from infinite_llm.entrypoints.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from infinite_llm.entrypoints.serving import OpenAIServing
-from infinite_llm.metrics import CONTENT_TYPE, EngineMetrics
 from infinite_llm.models.loader import DEFAULT_MODEL_FILE
+from infinite_llm.version import __version__
 
 logger = logging.getLogger(__name__)
 

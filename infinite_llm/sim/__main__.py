@@ -9,7 +9,7 @@ load per instance stays the same; without it a trace is generated per size from 
 requests and `--rate-per-instance` arrivals per second per instance.
 
 `--lockstep` runs the cluster the way the engine does (`infinite_llm.sim.lockstep`: all instances
-step together, with the engine's scheduling rules and the calibration's per-step sync and shared
+step together, each on the engine's scheduler, with the calibration's per-step sync and shared
 cores); without it every instance steps at its own pace, as on one device each.
 """
 
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-seqs", type=int, default=32)
     p.add_argument("--plan-interval", type=float, default=0.02, help="seconds between plans")
     p.add_argument("--lockstep", action="store_true",
-                   help="step all instances together with the engine's scheduler rules")
+                   help="step all instances together, each on the engine's scheduler")
     p.add_argument("--lend-to-running", action=argparse.BooleanOptionalAction, default=True,
                    help="lease to instances that have requests running (the engine on CPU "
                         "doesn't: GManagerConfig.lend_to_running)")
@@ -83,11 +83,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"instance: {a.blocks} blocks x {a.block_size} tokens, budget {a.max_batched_tokens} "
           f"tokens, {a.max_seqs} seqs; plan every {a.plan_interval * 1e3:.0f} ms")
     engine_rules = {}
-    if a.lockstep:  # the gManager and stall limit as the engine sets them
-        from infinite_llm.worker.scheduler import MAX_STALLED_STEPS
-
-        engine_rules = dict(efficient_batch_tokens=a.max_batched_tokens, reserve_blocks=0,
-                            max_stall_steps=MAX_STALLED_STEPS)
+    if a.lockstep:  # the gManager as the engine configures it
+        engine_rules = dict(efficient_batch_tokens=a.max_batched_tokens, reserve_blocks=0)
     rows = []
     for n in a.instances:
         trace = _trace_for(a, n)

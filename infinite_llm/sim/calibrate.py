@@ -129,7 +129,7 @@ def timed_step(engine: LLMEngine, name: str) -> StepSample:
     engine.step()
     step_s = time.perf_counter() - t0
     after = engine.heartbeats
-    bs = engine.config.block_size
+    bs = engine.config.cache.block_size
     return StepSample(
         step_s, tuple(h.batch_tokens for h in after),
         tuple(max(_held(b), _held(a)) * bs for b, a in zip(before, after)),
@@ -138,7 +138,7 @@ def timed_step(engine: LLMEngine, name: str) -> StepSample:
 
 def run_probe(engine: LLMEngine, probe: Probe, seed: int = 0) -> list[StepSample]:
     """Add the probe's requests at once and time every step until they finish."""
-    n = engine.config.num_instances
+    n = engine.config.cluster.num_instances
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=probe.output_len, ignore_eos=True)
     for j in range(probe.requests * (n if probe.spread else 1)):
@@ -160,10 +160,10 @@ def measure(engine: LLMEngine, seed: int = 0) -> list[StepSample]:
     """Every probe that fits this engine: local ones, and on a pooled cluster exchange ones."""
     cfg = engine.config
     num_blocks = min(h.total_blocks for h in engine.heartbeats)
-    migrate = cfg.kv_mode == "pooled" and cfg.num_instances > 1
+    migrate = cfg.cluster.kv_mode == "pooled" and cfg.cluster.num_instances > 1
     run_probe(engine, Probe("warmup", 2, 32, 4), seed)
     samples: list[StepSample] = []
-    for probe in probes_for(num_blocks, cfg.block_size, migrate):
+    for probe in probes_for(num_blocks, cfg.cache.block_size, migrate):
         got = run_probe(engine, probe, seed)
         logger.info("probe %s: %d steps, median %.1f ms", probe.name, len(got),
                     1e3 * float(np.median([s.step_s for s in got])))
@@ -251,7 +251,7 @@ def fit(samples: Sequence[StepSample], kv_bytes_per_token: int, exchange_bytes_p
 def bytes_per_token(engine: LLMEngine) -> tuple[int, int]:
     """(KV bytes per token, exchange bytes per query token per remote instance), all layers."""
     mc = engine.model_config
-    item = engine.instance.rmanager.pool.k.element_size()
+    item = engine.config.load.torch_dtype.itemsize  # the KV cache's dtype is the model's
     kv = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * item
     exchange = mc.num_layers * mc.num_heads * (mc.head_dim * item + (mc.head_dim + 1) * 4)
     return kv, exchange
@@ -260,8 +260,8 @@ def bytes_per_token(engine: LLMEngine) -> tuple[int, int]:
 def max_parallel(engine: LLMEngine) -> int:
     """The most instances that can compute at once: on a CPU, each gets cores // N threads (at
     least 1), so the cores bound them; 0 (all, nothing to fit) when that is all of them."""
-    n, cfg = engine.config.num_instances, engine.config
-    if cfg.torch_device.type != "cpu" or n == 1:
+    n = engine.config.cluster.num_instances
+    if engine.config.load.torch_device.type != "cpu" or n == 1:
         return 0
     cores = os.cpu_count() or 1
     at_once = cores // max(1, cores // n)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -53,7 +54,7 @@ class SimConfig:
     reserve_blocks: int = 2
     lookahead_tokens: int = 16
     max_migrations: int = 2
-    max_stall_steps: int = 8
+    max_stall_steps: int = 8  # SimInstance only: lockstep has the scheduler's MAX_STALLED_STEPS
     efficient_batch_tokens: int | None = None  # None: from the cost model
     lend_to_running: bool = True  # GManagerConfig.lend_to_running
     stuck_after_s: float = 600.0  # raise if nothing ran for this long with requests in flight
@@ -93,7 +94,12 @@ class SimResult:
     blocked: float = 0.0  # sum over steps: share of instances whose queue head doesn't fit
 
 
-class Simulator:
+class PlannedCluster(ABC):
+    """What both simulators share: the trace's requests, the gManager and how its plans are
+    applied, the ledger and the result. A subclass owns the instances and says how a placed
+    request joins one (`_place`), what one reports (`_heartbeat`) and how many output tokens
+    all have sampled (`_num_sampled`); it calls `_plan` when the engine would plan."""
+
     def __init__(self, config: SimConfig, cost: CostModel, trace: Sequence[TraceRequest]) -> None:
         self.config = config
         self.cost = cost
@@ -111,20 +117,94 @@ class Simulator:
             lend_to_running=config.lend_to_running))
         self.dirty: set[int] = set()
         self.ledger = BlockLedger(n, config.blocks_per_instance, config.block_size, self.dirty)
-        self.instances = [SimInstance(i, config.max_batched_tokens, config.max_num_seqs,
-                                      config.max_stall_steps) for i in range(n)]
-        self._heartbeats: list[Heartbeat] = [inst.heartbeat(self.ledger) for inst in self.instances]
+        self._heartbeats: list[Heartbeat] = []  # the subclass's, once it has its instances
         self._migrations: list[list[Migration]] = [[] for _ in range(n)]
-        self._idle_with_work: set[int] = set()
-        self._heap: list[tuple[float, int, int]] = []
-        self._seq = 0
         self._next_arrival = 0
         self._oldest = 0  # no request before this index is in flight
         self._in_flight = 0
-        self._last_step_s = 0.0
         self._kv_block_bytes = cost.kv_bytes_per_token * config.block_size
         self._max_kv_tokens = config.instance_tokens * (n if config.mode == "pooled" else 1)
         self.result = SimResult(config, self.requests)
+
+    def _plan(self, t: float) -> set[int]:
+        """The gManager's plan at t over the arrivals since the last one, applied: placements
+        join their owner's queue, leases set blocks aside, migrations wait for their source's
+        next step. Returns the instances the plan gave something to do."""
+        ledger, res = self.ledger, self.result
+        ledger.expire_credit()
+        new = []
+        while (self._next_arrival < len(self.requests)
+               and self.requests[self._next_arrival].arrival_s <= t):
+            req = self.requests[self._next_arrival]
+            self._next_arrival += 1
+            if req.max_kv_tokens > self._max_kv_tokens:
+                req.status = Status.REJECTED
+            else:
+                new.append(NewRequest(req.request_id, req.prompt_len, req.output_len))
+        for i in self.dirty:
+            self._heartbeats[i] = self._heartbeat(i)
+        self.dirty.clear()
+        plan = self.gmanager.plan(self._heartbeats, new, self._senior())
+        res.num_plans += 1
+        wake = set()
+        for p in plan.placements:
+            req = self._by_id[p.request_id]
+            req.owner, req.status = p.instance, Status.WAITING
+            self._place(req, p.instance)
+            self.dirty.add(p.instance)
+            wake.add(p.instance)
+            self._in_flight += 1
+        for lease in plan.leases:
+            ledger.lend(lease)
+            wake.add(lease.debtor)
+            res.num_leases += 1
+            res.leased_blocks += lease.num_blocks
+        for m in plan.migrations:
+            self._migrations[m.source].append(m)
+            wake.add(m.source)
+        if self._next_arrival == len(self.requests) and not res.window_s:
+            res.window_s = t - self.requests[0].arrival_s
+            res.window_tokens = self._num_sampled()
+        return wake
+
+    @abstractmethod
+    def _place(self, req: SimRequest, i: int) -> None: ...
+
+    @abstractmethod
+    def _heartbeat(self, i: int) -> Heartbeat: ...
+
+    @abstractmethod
+    def _num_sampled(self) -> int: ...
+
+    def _senior(self) -> int | None:
+        """The owner of the oldest request in flight (placed, not finished), as the engine
+        tells the gManager."""
+        reqs = self.requests
+        while self._oldest < len(reqs) and reqs[self._oldest].status in _DONE:
+            self._oldest += 1
+        return reqs[self._oldest].owner if self._oldest < len(reqs) else None
+
+    def senior_id(self) -> str | None:
+        """The id of the oldest request in flight, if placed (`_senior` called first)."""
+        reqs = self.requests
+        if self._oldest < len(reqs) and reqs[self._oldest].owner is not None:
+            return reqs[self._oldest].request_id
+        return None
+
+
+class Simulator(PlannedCluster):
+    """Instances that step at their own pace (`SimInstance`), each step an event in one heap
+    with the plan ticks (the module's docstring)."""
+
+    def __init__(self, config: SimConfig, cost: CostModel, trace: Sequence[TraceRequest]) -> None:
+        super().__init__(config, cost, trace)
+        self.instances = [SimInstance(i, config.max_batched_tokens, config.max_num_seqs,
+                                      config.max_stall_steps) for i in range(config.num_instances)]
+        self._heartbeats = [self._heartbeat(i) for i in range(config.num_instances)]
+        self._idle_with_work: set[int] = set()
+        self._heap: list[tuple[float, int, int]] = []
+        self._seq = 0
+        self._last_step_s = 0.0
 
     def run(self) -> SimResult:
         start = time.perf_counter()
@@ -151,44 +231,10 @@ class Simulator:
         return now + dt * max(1, math.ceil((t - now) / dt - 1e-9))
 
     def _tick(self, t: float) -> None:
-        ledger, res = self.ledger, self.result
-        ledger.expire_credit()
-        new = []
-        while (self._next_arrival < len(self.requests)
-               and self.requests[self._next_arrival].arrival_s <= t):
-            req = self.requests[self._next_arrival]
-            self._next_arrival += 1
-            if req.max_kv_tokens > self._max_kv_tokens:
-                req.status = Status.REJECTED
-            else:
-                new.append(NewRequest(req.request_id, req.prompt_len, req.output_len))
-        for i in self.dirty:
-            self._heartbeats[i] = self.instances[i].heartbeat(ledger)
-        self.dirty.clear()
-        plan = self.gmanager.plan(self._heartbeats, new, self._senior())
-        res.num_plans += 1
-        wake = set(self._idle_with_work)
-        for p in plan.placements:
-            req = self._by_id[p.request_id]
-            req.owner, req.status = p.instance, Status.WAITING
-            self.instances[p.instance].waiting.append(req)
-            self.dirty.add(p.instance)
-            wake.add(p.instance)
-            self._in_flight += 1
-        for lease in plan.leases:
-            ledger.lend(lease)
-            wake.add(lease.debtor)
-            res.num_leases += 1
-            res.leased_blocks += lease.num_blocks
-        for m in plan.migrations:
-            self._migrations[m.source].append(m)
-            wake.add(m.source)
+        wake = self._plan(t) | self._idle_with_work
         for i in sorted(wake):
             if not self.instances[i].busy:
                 self._step(i, t)
-        if self._next_arrival == len(self.requests) and not res.window_s:
-            res.window_s = t - self.requests[0].arrival_s
-            res.window_tokens = sum(inst.num_sampled for inst in self.instances)
         if self._in_flight and t - self._last_step_s > self.config.stuck_after_s:
             raise RuntimeError(f"simulation stuck at t={t:.1f}s: {self._in_flight} requests in "
                                f"flight and no step for {self.config.stuck_after_s}s")
@@ -197,20 +243,14 @@ class Simulator:
         elif self._next_arrival < len(self.requests):
             self._push(self._tick_after(t, self.requests[self._next_arrival].arrival_s), _PLAN)
 
-    def _senior(self) -> int | None:
-        """The owner of the oldest request in flight (placed, not finished), as the engine
-        tells the gManager."""
-        reqs = self.requests
-        while self._oldest < len(reqs) and reqs[self._oldest].status in _DONE:
-            self._oldest += 1
-        return reqs[self._oldest].owner if self._oldest < len(reqs) else None
+    def _place(self, req: SimRequest, i: int) -> None:
+        self.instances[i].waiting.append(req)
 
-    def senior_id(self) -> str | None:
-        """The id of the oldest request in flight, if placed (`_senior` called first)."""
-        reqs = self.requests
-        if self._oldest < len(reqs) and reqs[self._oldest].owner is not None:
-            return reqs[self._oldest].request_id
-        return None
+    def _heartbeat(self, i: int) -> Heartbeat:
+        return self.instances[i].heartbeat(self.ledger)
+
+    def _num_sampled(self) -> int:
+        return sum(inst.num_sampled for inst in self.instances)
 
     def _step(self, i: int, t: float) -> None:
         """Instance i's step ends at t (or it wakes at t): account it and start the next one."""

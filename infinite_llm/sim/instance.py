@@ -1,8 +1,9 @@
 """One simulated instance: continuous batching with chunked prefill and preemption by recompute.
 
-Mirrors the engine's scheduler in token counts. Running requests go first in admission order,
-each taking `min(uncomputed, budget)` tokens; when the ledger has no block for one, the most
-recently admitted request behind it is preempted (KV dropped, recomputed later). If none is
+The asynchronous simulator's own policy, in the engine's token counts but not by its rules (the
+lockstep simulator runs the engine's scheduler itself). Running requests go first in admission
+order, each taking `min(uncomputed, budget)` tokens; when the ledger has no block for one, the
+most recently admitted request behind it is preempted (KV dropped, recomputed later). If none is
 behind it, the request sits this step out holding its blocks (it waits for a lease), and after
 `max_stall_steps` such steps in a row with nothing else running it is preempted too, so that
 requests stalled on several instances can't hold each other's memory forever.

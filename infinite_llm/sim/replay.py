@@ -106,7 +106,7 @@ def replay(engine: LLMEngine, trace: Sequence[TraceRequest], mode: str, *,
                for r in reqs}
     vocab = engine.model_config.vocab_size
     prompts = {r.request_id: prompt_ids(r.request_id, r.prompt_len, vocab, seed) for r in reqs}
-    result = Replay(mode, engine.config.num_instances, list(timings.values()))
+    result = Replay(mode, engine.config.cluster.num_instances, list(timings.values()))
     preempted_before = engine.num_preemptions
     start = time.perf_counter()
     i = 0

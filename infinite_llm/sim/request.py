@@ -1,8 +1,12 @@
-"""A simulated request: token counters and where its KV blocks are, nothing else.
+"""A simulated request: the trace's numbers, what happened to it, and (in the asynchronous
+simulator) its token counters and where its KV blocks are.
 
 Same counting as the engine's Request: `num_computed` tokens have KV; the request wants
 `prompt_len + num_output - num_computed` more, and once it has none left a step samples one
-output token. A preempted request drops its KV and recomputes prompt and output so far.
+output token. A preempted request drops its KV and recomputes prompt and output so far. The
+lockstep simulator schedules an engine `Request` in its place (`lockstep.LockstepInstance`) and
+notes here only the placement, the first token, the finish and the counts at the finish: its
+`status` stays WAITING from placement to finish, and its counters and blocks stay zero.
 """
 
 from __future__ import annotations
