@@ -381,3 +381,23 @@ def test_new_blocks_grow_the_tail_then_here_then_creditors() -> None:
         (tail, spare)[creditor - 1].apply_update(0, update)
     for rm in (home, tail, spare):
         assert rm.stats() == KVStats(total=4, free=4, own=0, lent=0, borrowed=0)
+
+
+def test_blocks_freed_before_the_creditor_hosts_them_go_back() -> None:
+    """A request freed after its owner placed blocks on a creditor but before any exchange told
+    the creditor: the creditor finds them in the owner's set-aside, not hosted, and still frees
+    every one of them."""
+    def manager(instance: int, blocks: int) -> RManager:
+        return RManager(KVPool(1, blocks, 1, 1, 1, torch.float32, torch.device("cpu")), instance)
+
+    owner, creditor = manager(0, 1), manager(1, 2)
+    creditor.grant_lease(0, 2)
+    owner.receive_lease(1, 2)
+    request = Request("r", [0, 0], SamplingParams(), 8, frozenset())
+    assert owner.reserve(request, 2)  # one block here, one on the creditor
+    owner.free(request)
+    for creditor_id, update in owner.end_step().items():
+        assert creditor_id == 1
+        creditor.apply_update(0, update)
+    assert creditor.stats() == KVStats(total=2, free=2, own=0, lent=0, borrowed=0)
+    assert owner.stats() == KVStats(total=1, free=1, own=0, lent=0, borrowed=0)

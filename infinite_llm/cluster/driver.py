@@ -59,22 +59,17 @@ def run_plan(instance: Instance, plan: StepPlan) -> StepReport:
 
 def heartbeat(instance: Instance) -> Heartbeat:
     """What the gManager sees of an instance after its step."""
-    rmanager, scheduler = instance.rmanager, instance.scheduler
+    rmanager = instance.rmanager
     stats = rmanager.stats()
-    bs = rmanager.block_size
-    running, waiting = scheduler.running, scheduler.waiting
-    unheld = sum(max(0, r.num_tokens - bs * sum(s.num_blocks for s in r.segments))
-                 for r in running)
+    load = instance.scheduler.load(rmanager.block_size)
     return Heartbeat(
         instance=instance.rank, total_blocks=stats.total, free_blocks=stats.free,
         own_blocks=stats.own, lent_blocks=stats.lent, borrowed_blocks=stats.borrowed,
-        num_running=len(running), num_waiting=len(waiting),
+        num_running=load.num_running, num_waiting=load.num_waiting,
         batch_tokens=instance.last_batch_tokens,
-        request_blocks=rmanager.own_blocks_by_request(), prefill_tokens=unheld,
-        waiting_tokens=sum(r.num_tokens for r in waiting),
-        head_tokens=waiting[0].num_tokens if waiting else 0,
-        lenders=rmanager.lenders(),
-        num_stalled=scheduler.num_stalled,
+        request_blocks=rmanager.own_blocks_by_request(), prefill_tokens=load.prefill_tokens,
+        waiting_tokens=load.waiting_tokens, head_tokens=load.head_tokens,
+        lenders=rmanager.lenders(), num_stalled=load.num_stalled,
     )
 
 

@@ -175,11 +175,15 @@ class RManager:
         self._set_aside[debtor].extend(self.pool.allocate(num_blocks))
 
     def apply_update(self, owner: int, update: CreditorUpdate) -> None:
+        """Free what the owner freed and released. Blocks the owner placed here but freed
+        before an exchange told us of them are still in its set-aside: they go back too."""
+        hosted = 0
         for request_id in update.freed:
             for segment in self._hosted.pop((owner, request_id), []):
+                hosted += segment.num_blocks
                 self.pool.free(segment.blocks)
-        released = [self._set_aside[owner].pop() for _ in range(update.released)]
-        self.pool.free(released)
+        back = update.released + update.freed_blocks - hosted
+        self.pool.free([self._set_aside[owner].pop() for _ in range(back)])
 
     def adopt(self, owner: int, request_id: str, start: int, num_blocks: int) -> list[int]:
         """Take in a migrated segment of another instance's request: new blocks from the free

@@ -91,33 +91,30 @@ class LockstepInstance:
     def heartbeat(self) -> Heartbeat:
         """What the engine reports of an instance after its step (`cluster.driver.heartbeat`),
         from the same counts: `RManager`'s stats, own blocks by request (largest first, then by
-        id), lenders (most blocks first), and the tokens of running requests no slot holds."""
+        id), lenders (most blocks first), and the scheduler's `load`."""
         ledger, me = self.ledger, self.index
-        running, waiting = self.scheduler.running, self.scheduler.waiting
         own: list[tuple[str, int]] = []
         lenders: dict[int, int] = {}
-        unheld = 0
-        for r in running:
-            held = here = 0
+        for r in self.scheduler.running:
+            here = 0
             for s in r.segments:
-                held += s.num_blocks
                 if s.instance == me:
                     here += s.num_blocks
                 else:
                     lenders[s.instance] = lenders.get(s.instance, 0) + s.num_blocks
             if here:
                 own.append((r.request_id, here))
-            unheld += max(0, r.num_tokens - ledger.block_size * held)
+        load = self.scheduler.load(ledger.block_size)
         return Heartbeat(
             instance=me, total_blocks=ledger.total, free_blocks=ledger.free[me],
             own_blocks=ledger.own[me], lent_blocks=ledger.lent[me],
-            borrowed_blocks=ledger.borrowed[me], num_running=len(running),
-            num_waiting=len(waiting), batch_tokens=self.batch.total_tokens,
+            borrowed_blocks=ledger.borrowed[me], num_running=load.num_running,
+            num_waiting=load.num_waiting, batch_tokens=self.batch.total_tokens,
             request_blocks=tuple(sorted(own, key=lambda rb: (-rb[1], rb[0]))),
-            prefill_tokens=unheld, waiting_tokens=sum(r.num_tokens for r in waiting),
-            head_tokens=waiting[0].num_tokens if waiting else 0,
+            prefill_tokens=load.prefill_tokens, waiting_tokens=load.waiting_tokens,
+            head_tokens=load.head_tokens,
             lenders=tuple(sorted(lenders, key=lambda c: (-lenders[c], c))),
-            num_stalled=self.scheduler.num_stalled)
+            num_stalled=load.num_stalled)
 
 
 def _blocks_by_instance(request: Request) -> dict[int, int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from infinite_llm.kvcache.allocator import BlockAllocator
 from infinite_llm.request import Request, RequestStatus, ScheduledBatch
@@ -34,6 +35,18 @@ def senior_first(requests: Iterable[Request], senior: str | None) -> list[Reques
 
 
 MAX_STALLED_STEPS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLoad:
+    """An instance's queues after a step: the heartbeat's load fields."""
+
+    num_running: int
+    num_waiting: int
+    prefill_tokens: int  # tokens of running requests that no KV slot holds yet
+    waiting_tokens: int  # tokens to compute for the whole waiting queue
+    head_tokens: int  # tokens to compute for the first waiting request
+    num_stalled: int  # running requests that found no block in the last step
 
 
 class Scheduler:
@@ -107,6 +120,15 @@ class Scheduler:
             num_tokens.append(n)
             budget -= n
         return ScheduledBatch.of(requests, num_tokens)
+
+    def load(self, block_size: int) -> QueueLoad:
+        """The queues as the gManager sees them after a step."""
+        running, waiting = self.running, self.waiting
+        unheld = sum(max(0, r.num_tokens - block_size * sum(s.num_blocks for s in r.segments))
+                     for r in running)
+        return QueueLoad(len(running), len(waiting), unheld,
+                         sum(r.num_tokens for r in waiting),
+                         waiting[0].num_tokens if waiting else 0, self.num_stalled)
 
     def decode_ahead(self, batch: ScheduledBatch) -> ScheduledBatch | None:
         """The step after `batch` if every request of it decodes on: each computes the token
