@@ -190,7 +190,7 @@ def main() -> None:
     run_hf(hf, prompts[:2], 2, 4, device)
     rows = []
     tokens: dict[tuple[str, int], list[list[int]]] = {}  # (engine, batch) -> each prompt's
-    step_threads = llm.engine.instance.step_threads
+    step_threads = llm.engine.instance.runner.step_threads
     for batch in (1, args.batch):
         subset = prompts[: args.batch1_prompts] if batch == 1 else prompts
         steps, seconds = step_threads.steps.copy(), dict(step_threads.seconds)
