@@ -146,10 +146,10 @@ def test_interrupt_on_rank_0_mid_step_fails_fast(llama_path: Path, monkeypatch) 
     try:
         engine = llm.engine
 
-        def interrupted(plan):
+        def interrupted(*args):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(engine.instance, "run", interrupted)
+        monkeypatch.setattr(engine.instance, "step", interrupted)
         with pytest.raises(KeyboardInterrupt):
             llm.generate(SHORT, GREEDY, use_tqdm=False)
         start = time.monotonic()

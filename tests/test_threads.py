@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinite_llm.engine import threads as threads_module
+from infinite_llm.worker import threads as threads_module
 from infinite_llm.worker.threads import StepThreads
 
 
