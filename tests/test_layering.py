@@ -177,6 +177,19 @@ def test_the_layer_graph_has_no_cycle() -> None:
     assert not found, "\n".join(detail)
 
 
+def test_the_gmanager_is_pure_policy() -> None:
+    """The gManager imports only the standard library (no torch, no sockets, nothing of the
+    package), so the simulator reuses it unchanged and it is tested as a function."""
+    tree = ast.parse((SOURCE / "cluster" / "gmanager.py").read_text())
+    imported = {alias.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for alias in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    allowed = {"__future__", "collections", "dataclasses", "heapq", "itertools", "math",
+               "typing"}
+    assert imported <= allowed, sorted(imported - allowed)
+
+
 # ---- the checker itself, on a package written here ------------------------------------------
 
 FAKE = {
