@@ -274,9 +274,14 @@ class EngineConfig:
             raise ConfigError("data_backend 'nccl' needs device 'cuda'; on CPU use 'gloo'")
 
     @staticmethod
+    def option_groups() -> dict[str, tuple[dataclasses.Field, ...]]:
+        """The options a user sets, by part ("load", "cache", "scheduler", "cluster")."""
+        return {name: dataclasses.fields(part) for name, part in _PARTS.items()}
+
+    @staticmethod
     def option_fields() -> list[dataclasses.Field]:
         """Every option a user sets, across the parts (names are unique across them)."""
-        return [f for part in _PARTS.values() for f in dataclasses.fields(part)]
+        return [f for fields in EngineConfig.option_groups().values() for f in fields]
 
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:

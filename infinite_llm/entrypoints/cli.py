@@ -36,24 +36,32 @@ def _parser() -> argparse.ArgumentParser:
 _FLAG_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
 
 
+_GROUP_TITLES = {"load": "model", "cache": "KV cache", "scheduler": "scheduler",
+                 "cluster": "cluster"}
+
+
 def _add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per `EngineConfig` option (`block_size` -> `--block-size`), its help and choices
-    the field's own; a flag left out is absent from the parsed args, so the config's default
-    holds."""
-    group = parser.add_argument_group("engine options (EngineConfig)")
-    for f in EngineConfig.option_fields():
-        if f.name in skip:
-            continue
-        flag, kind, text = f"--{f.name.replace('_', '-')}", _flag_type(f), f.metadata["help"]
-        if kind is bool:
-            default = flag if f.default else f"--no-{flag[2:]}"
-            group.add_argument(flag, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=f"{text} (default: {default})")
-            continue
-        if f.default is not None:  # a None default is described by the help itself
-            text = f"{text} (default: {f.default})"
-        group.add_argument(flag, type=kind, choices=f.metadata["choices"],
-                           default=argparse.SUPPRESS, help=text)
+    """One flag per `EngineConfig` option (`block_size` -> `--block-size`), grouped by config
+    part, its help and choices the field's own; a flag left out is absent from the parsed args,
+    so the config's default holds."""
+    for part, fields in EngineConfig.option_groups().items():
+        group = parser.add_argument_group(f"{_GROUP_TITLES[part]} options")
+        for f in fields:
+            if f.name not in skip:
+                _add_flag(group, f)
+
+
+def _add_flag(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
+    flag, kind, text = f"--{f.name.replace('_', '-')}", _flag_type(f), f.metadata["help"]
+    if kind is bool:
+        default = flag if f.default else f"--no-{flag[2:]}"
+        group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=f"{text} (default: {default})")
+        return
+    if f.default is not None:  # a None default is described by the help itself
+        text = f"{text} (default: {f.default})"
+    group.add_argument(flag, type=kind, choices=f.metadata["choices"],
+                       default=argparse.SUPPRESS, help=text)
 
 
 def _flag_type(f: dataclasses.Field) -> type:
