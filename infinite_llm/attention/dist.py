@@ -35,12 +35,12 @@ class DistAttention:
 
     def bind(self, layout: StepLayout) -> partial[Tensor]:
         """The model's `AttentionFn` for one step: `(layer, q, k, v) -> out` over `layout`."""
-        ops = self.ops if layout.decode_launch is None else graph_decode_ops(layout.decode_launch)
-        return partial(self.__call__, layout, ops)
+        return partial(self, layout)
 
-    def __call__(self, layout: StepLayout, ops: AttentionOps, layer: int, q: Tensor, k: Tensor,
-                 v: Tensor) -> Tensor:
+    def __call__(self, layout: StepLayout, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> out [T, heads, head_dim]."""
+        # A CUDA graph's layout fixes the decode launch (only read while it is captured).
+        ops = self.ops if layout.decode_launch is None else graph_decode_ops(layout.decode_launch)
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
         if layout.kv_index is None:
             ops.store_kv(k_cache, v_cache, layout.slots, k, v)
