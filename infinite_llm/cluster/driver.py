@@ -176,8 +176,7 @@ class Driver:
         dead = [i + 1 for i, p in enumerate(self.workers) if p.poll() is not None]
         self.failure = WorkerError(
             f"instance(s) {dead or '?'} stopped answering ({cause}); the engine is unusable")
-        _kill(self.workers)
-        self.workers = []
+        self._kill_workers()
         return self.failure
 
     def _abandon(self, cause: BaseException) -> None:
@@ -186,6 +185,9 @@ class Driver:
         self.failure = WorkerError(
             f"rank 0 stopped mid-step ({cause!r}); the instances are out of lockstep and the "
             "engine is unusable")
+        self._kill_workers()
+
+    def _kill_workers(self) -> None:
         _kill(self.workers)
         self.workers = []
 
@@ -203,14 +205,14 @@ class Driver:
                     p.wait(timeout=30)
             except Exception as e:  # already failing: make sure nothing is left running
                 logger.warning("shutdown: %s", e)
-        _kill(self.workers)
-        self.workers = []
+        self._kill_workers()
         if dist.is_initialized():
             dist.destroy_process_group()
         self.cluster = None
 
 
 def _kill(workers: list[subprocess.Popen]) -> None:
+    """Kill the worker processes still running."""
     for p in workers:
         if p.poll() is None:
             p.kill()

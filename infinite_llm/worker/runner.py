@@ -65,8 +65,8 @@ class ModelRunner:
         self.cluster = cluster
         pool = rmanager.pool
         mc = model.config
-        self.heads = (mc.num_heads, mc.num_kv_heads, mc.head_dim)
-        self.attention = DistAttention(pool, cluster, *self.heads)
+        self.attention = DistAttention(pool, cluster, mc.num_heads, mc.num_kv_heads,
+                                       mc.head_dim)
         self.device = pool.k.device
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -99,7 +99,7 @@ class ModelRunner:
         if ahead is not None and batch.is_decode_of(ahead.batch):
             self.steps_ahead_used += 1
             return ahead.batch, ahead.hidden
-        layout = lay_out(batch, self.rmanager, self.cluster, self.heads)
+        layout = lay_out(batch, self.rmanager, self.cluster, self.attention.heads)
         if layout.num_tokens == 0:
             if layout.exchange is not None:
                 self.attention.serve_remote(layout, self.model.config.num_layers)
@@ -130,7 +130,7 @@ class ModelRunner:
     def launch_ahead(self, batch: ScheduledBatch, tokens: Tensor) -> None:
         """Queue `batch`, a decode step whose input ids are `tokens` (on the device), if it
         replays from a graph; `forward` uses it when it is the next step."""
-        layout = lay_out(batch, self.rmanager, None, self.heads)
+        layout = lay_out(batch, self.rmanager, None, self.attention.heads)
         assert self.graphs is not None
         hidden = self.graphs.replay(layout, tokens)
         if hidden is not None:
