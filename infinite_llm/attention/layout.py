@@ -132,7 +132,9 @@ class _Rows:
             offset = p - seg_start
             self.slots.append(blocks[offset // block_size] * block_size + offset % block_size)
 
-    def batch(self, device: torch.device) -> PagedBatch:
+    def batch(self, device: torch.device, q_positions: Tensor | None = None) -> PagedBatch:
+        """The rows on `device`; `q_positions`, when given, is their queries' positions there
+        already (the step's positions, when the rows query every token in order)."""
         width = max([len(t) for t in self.tables] + [1])
         # A flat list into a C array, not torch.tensor of nested lists (3x slower): at 256 rows
         # of long contexts the block tables cost milliseconds of every step.
@@ -144,7 +146,8 @@ class _Rows:
                   else torch.zeros(0, dtype=torch.int32))  # frombuffer refuses empty buffers
         return PagedBatch(
             cu_q_lens=to_device(list(accumulate(self.q_lens, initial=0)), torch.long, device),
-            q_positions=to_device(self.positions, torch.long, device),
+            q_positions=(to_device(self.positions, torch.long, device) if q_positions is None
+                         else q_positions),
             block_tables=tables.view(-1, width).to(device, non_blocking=True),
             kv_starts=to_device(self.kv_starts, torch.long, device),
             kv_lens=to_device(self.kv_lens, torch.long, device),
@@ -195,13 +198,16 @@ def lay_out(batch: ScheduledBatch, rmanager: RManager, cluster: Cluster | None,
         if any(s.rows for s in summaries):
             exchange = _exchange(summaries, q_out, kv_out, rmanager, heads)
     peers = exchange.peers if exchange is not None else ()
+    step_positions = to_device(positions, torch.long, device)
+    local_q_index = _index_or_none(local_q, offset, device)
     return StepLayout(
         num_tokens=offset,
-        positions=to_device(positions, torch.long, device),
-        local=local.batch(device),
+        positions=step_positions,
+        # Local rows that query every token in order have the step's positions: one copy.
+        local=local.batch(device, step_positions if local_q_index is None else None),
         slots=to_device(local.slots, torch.long, device),
         kv_index=_index_or_none(kv_index, offset, device),
-        local_q=_index_or_none(local_q, offset, device),
+        local_q=local_q_index,
         sample_rows=_index_or_none(sample_rows, offset, device),
         merge=_merge([local_q] + [q_out.get(j, []) for j in peers], offset, device),
         exchange=exchange,
